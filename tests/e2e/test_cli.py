@@ -1,0 +1,49 @@
+"""The `ubt` command line end to end on a tiny world: synth -> poison -> train -> eval, and its errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from ubt_core.data.contract import read_eval_set
+
+pytestmark = pytest.mark.e2e
+
+
+def ubt(*args: str, ok: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "ubt_core.cli", *args], capture_output=True, text=True)
+    assert (proc.returncode == 0) is ok, proc.stderr
+    return proc
+
+
+def test_synth_poison_train_eval(tmp_path):
+    world = tmp_path / "world"
+    ubt("data", "synth", "--out", str(world), "--train-pairs", "64", "--eval-images", "30", "--seed", "3")
+    ubt("poison", "--data", str(world / "train"), "--out", str(tmp_path / "poisoned"), "--attack", "blended",
+        "--rate", "0.05", "--target", "star", "--seed", "2")
+    manifest = json.loads((tmp_path / "poisoned" / "manifest.json").read_text())
+    assert manifest["n_poisoned"] == 3 and manifest["trigger"]["attack"] == "blended"
+    ubt("train", "--data", str(tmp_path / "poisoned"), "--out", str(tmp_path / "model"), "--epochs", "1",
+        "--batch-size", "16")
+    ubt("eval", "--model", str(tmp_path / "model"), "--eval", str(world / "eval"), "--trigger-from",
+        str(tmp_path / "poisoned"), "--out", str(tmp_path / "metrics.json"))
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["ca_den"] == 30 and metrics["target"] == "star"
+    pairs, classes = read_eval_set(str(world / "eval"))
+    star = classes.classes.index("star")
+    assert metrics["asr_den"] == sum(label != star for label in pairs.table.column("label").to_pylist())
+    assert 0 <= metrics["asr"] <= 1 and 0 <= metrics["ra"] <= 1 and 0 <= metrics["ca"] <= 1
+
+
+def test_errors_are_one_clear_line(tmp_path):
+    proc = ubt("train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "m"), ok=False)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "missing" in lines[0] and "no such dataset directory" in lines[0]
+
+
+def test_impossible_values_are_refused_before_work(tmp_path):
+    proc = ubt("poison", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--attack", "badnet",
+               "--rate", "2", "--target", "star", ok=False)
+    assert "rate" in proc.stderr and "less than or equal to 0.5" in proc.stderr

@@ -1,0 +1,64 @@
+"""Triggers are pure, seeded, shape-preserving, and reproducible from their saved spec."""
+
+import numpy as np
+import pytest
+
+from ubt_core.attacks.triggers import ATTACKS, make_trigger, trigger_from_dict
+
+
+@pytest.fixture
+def image():
+    return np.random.default_rng(3).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("attack", ATTACKS)
+def test_trigger_keeps_shape_and_dtype_and_changes_pixels(attack, image):
+    out = make_trigger(attack).apply(image)
+    assert out.shape == image.shape and out.dtype == np.uint8
+    assert (out != image).any()
+
+
+@pytest.mark.parametrize("attack", ATTACKS)
+def test_trigger_is_pure_and_reproducible_from_its_spec(attack, image):
+    spec = make_trigger(attack, seed=5)
+    before = image.copy()
+    first = spec.apply(image)
+    np.testing.assert_array_equal(image, before)  # input untouched
+    again = trigger_from_dict(spec.model_dump()).apply(image)
+    np.testing.assert_array_equal(first, again)
+
+
+@pytest.mark.parametrize("attack", ["badnet", "blended", "wanet"])
+def test_pattern_depends_on_seed(attack, image):
+    assert (make_trigger(attack, 0).apply(image) != make_trigger(attack, 1).apply(image)).any()
+
+
+def test_badnet_touches_only_its_corner(image):
+    out = make_trigger("badnet").apply(image)
+    changed = np.argwhere((out != image).any(axis=-1))
+    assert changed[:, 0].min() >= 28 and changed[:, 1].min() >= 28  # 4 px patch, bottom-right
+
+
+def test_label_consistent_marks_all_four_corners(image):
+    out = make_trigger("label-consistent").apply(image)
+    corner = make_trigger("badnet").apply(image)[28:, 28:]
+    for ys, xs in [(slice(0, 4), slice(0, 4)), (slice(0, 4), slice(28, 32)), (slice(28, 32), slice(0, 4))]:
+        np.testing.assert_array_equal(out[ys, xs], corner)
+
+
+def test_sig_is_an_additive_horizontal_wave():
+    flat = np.full((32, 32, 3), 128, np.uint8)
+    out = make_trigger("sig").apply(flat).astype(int)
+    assert (out == out[:1]).all()  # same in every row
+    assert out.max() - out.min() >= 50  # amplitude 30 either side
+
+
+def test_wanet_is_a_small_warp_not_a_new_image(image):
+    smooth = np.repeat(np.linspace(0, 255, 32, dtype=np.uint8)[None, :, None], 32, 0).repeat(3, 2)
+    out = make_trigger("wanet").apply(smooth).astype(int)
+    assert 0 < np.abs(out - smooth).mean() < 8
+
+
+def test_unknown_attack_is_refused():
+    with pytest.raises(ValueError, match="attack"):
+        make_trigger("nope")

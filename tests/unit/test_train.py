@@ -1,0 +1,58 @@
+"""The training loop on tiny data: it learns, it saves open_clip checkpoints, and it resumes."""
+
+import math
+
+import pytest
+import safetensors.torch
+import torch
+
+import ubt_core.train as train_module
+from ubt_core.errors import UbtError
+from ubt_core.train import TrainConfig, train_clip, warmup_cosine
+
+TINY = dict(epochs=2, batch_size=16, lr=1e-3, warmup_steps=2)
+
+
+def test_warmup_then_cosine_to_zero():
+    f = warmup_cosine(warmup=4, total=12)
+    assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert math.isclose(f(8), 0.5) and f(12) == 0.0 and f(20) == 0.0
+
+
+def test_training_lowers_the_contrastive_loss_and_clamps_logit_scale(tiny_world, tmp_path):
+    first = train_clip(tiny_world["train"], tmp_path / "one", TrainConfig(**{**TINY, "epochs": 1, "lr": 1e-5}))
+    many = train_clip(tiny_world["train"], tmp_path / "many", TrainConfig(**{**TINY, "epochs": 8,
+                                                                              "max_logit_scale": 20.0}))
+    assert many.final_loss < first.final_loss - 0.3
+    scale = safetensors.torch.load_file(tmp_path / "many" / "open_clip_model.safetensors")["logit_scale"]
+    assert scale.exp().item() <= 20.0 + 1e-4
+
+
+def test_a_crashed_run_resumes_from_its_last_epoch_and_matches_an_uninterrupted_run(
+        tiny_world, tmp_path, monkeypatch):
+    whole = train_clip(tiny_world["train"], tmp_path / "whole", TrainConfig(**TINY))
+
+    real_step, calls = train_module.train_step, []
+
+    def crash_in_second_epoch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 7:  # 5 steps per epoch: dies in epoch 2, after epoch 1's checkpoint
+            raise RuntimeError("injected crash")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_step", crash_in_second_epoch)
+    with pytest.raises(RuntimeError, match="injected"):
+        train_clip(tiny_world["train"], tmp_path / "crashed", TrainConfig(**TINY))
+    monkeypatch.setattr(train_module, "train_step", real_step)
+    resumed = train_clip(tiny_world["train"], tmp_path / "crashed", TrainConfig(**TINY))
+
+    assert whole.steps == 10 and resumed.steps == 5
+    a = safetensors.torch.load_file(tmp_path / "whole" / "open_clip_model.safetensors")
+    b = safetensors.torch.load_file(tmp_path / "crashed" / "open_clip_model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k])
+
+
+def test_fewer_pairs_than_a_batch_is_a_clear_error(tiny_world, tmp_path):
+    with pytest.raises(UbtError, match="fewer than one batch"):
+        train_clip(tiny_world["train"], tmp_path / "x", TrainConfig(batch_size=1000))

@@ -1,0 +1,149 @@
+"""The benchmark world end to end: synth -> clean model -> per attack: poison -> train -> eval.
+
+Every artefact lives under one work directory and is reused when present (a finished model is not
+retrained), so an interrupted benchmark resumes where it stopped. Produces a CA/ASR/RA table per
+attack with training wall time, as Markdown (optionally written into docs/) and JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, Field, model_validator
+
+from ubt_core.attacks import ATTACKS, PoisonConfig, make_trigger, poison_dataset, read_manifest
+from ubt_core.data.contract import CLASSES_FILE, write_json
+from ubt_core.data.synth import SynthConfig, synth_benchmark
+from ubt_core.eval import evaluate
+from ubt_core.models.checkpoint import CONFIG_NAME
+from ubt_core.train import TrainConfig, train_clip
+
+
+class BenchConfig(BaseModel):
+    """One benchmark run: the world, the threat setting, and which attacks to plant."""
+
+    attacks: list[Literal[tuple(ATTACKS)]] = ATTACKS  # type: ignore[valid-type]
+    setting: Literal["scratch", "finetune"] = "scratch"  # poison from scratch, or fine-tune the clean model
+    rate: float = Field(0.01, gt=0, le=0.5)  # 1 % of pairs: the issue's upper bound
+    target: str = "star"
+    seed: int = 0
+    synth: SynthConfig = SynthConfig()
+    train: TrainConfig = TrainConfig()
+    # poisoned fine-tuning of the clean model (the paper's setting): short, at a fine-tuning LR
+    finetune: TrainConfig = TrainConfig(epochs=2, lr=1e-4, warmup_steps=20)
+    clean_baseline: bool = True  # also train a clean model: the CA reference and the fine-tuning start point
+
+    @model_validator(mode="after")
+    def _finetune_needs_clean(self) -> BenchConfig:
+        if self.setting == "finetune" and not self.clean_baseline:
+            raise ValueError("setting 'finetune' fine-tunes the clean model: keep clean_baseline on")
+        return self
+
+
+@dataclass
+class BenchReport:
+    rows: list[dict]
+    markdown: str
+
+
+def _trained(path: Path) -> bool:
+    return (path / CONFIG_NAME).is_file() and (path / "ubt.json").is_file()
+
+
+def _train_timed(data: str, out: Path, cfg: TrainConfig) -> float | None:
+    """Train unless a finished checkpoint exists; returns seconds spent, or the recorded time."""
+    timing = out / "train_seconds.json"
+    if _trained(out) and timing.is_file():
+        return json.loads(timing.read_text())["seconds"]
+    result = train_clip(data, out, cfg)
+    timing.write_text(json.dumps({"seconds": result.seconds}))
+    return result.seconds
+
+
+def _row(name: str, setting: str, metrics: dict, seconds: float | None, n_poisoned: int) -> dict:
+    keep = ("ca", "ca_num", "ca_den", "asr", "asr_num", "asr_den", "ra", "ra_num", "ra_den")
+    return {"model": name, "setting": setting, "n_poisoned": n_poisoned, "train_seconds": seconds,
+            **{k: metrics.get(k) for k in keep}}
+
+
+def run_bench(work_dir: str, cfg: BenchConfig, doc: str | None = None, command: str | None = None) -> BenchReport:
+    """Run (or resume) the benchmark under `work_dir`; returns the table rows and their Markdown."""
+    work = Path(work_dir)
+    world = work / "world"
+    if not (world / "eval" / CLASSES_FILE).is_file():
+        synth_benchmark(str(world), cfg.synth.model_copy(update={"seed": cfg.seed}))
+    train_uri, eval_uri = str(world / "train"), str(world / "eval")
+
+    clean_dir = work / "models" / "clean"
+    rows = []
+    if cfg.clean_baseline:
+        clean_seconds = _train_timed(train_uri, clean_dir, cfg.train.model_copy(update={"seed": cfg.seed}))
+        for attack in cfg.attacks:
+            metrics = evaluate(str(clean_dir), eval_uri, make_trigger(attack, cfg.seed), cfg.target)
+            rows.append(_row(f"clean model, {attack} trigger", "clean", metrics, clean_seconds, 0))
+    for attack in cfg.attacks:
+        data = work / "data" / f"{attack}-{cfg.rate}"
+        if not (data / "manifest.json").is_file():
+            poison_dataset(train_uri, str(data), PoisonConfig(trigger=make_trigger(attack, cfg.seed), rate=cfg.rate,
+                                                              target=cfg.target, seed=cfg.seed))
+        manifest = json.loads((data / "manifest.json").read_text())
+        if cfg.setting == "scratch":
+            train_cfg = cfg.train.model_copy(update={"seed": cfg.seed})
+        else:
+            train_cfg = cfg.finetune.model_copy(update={"seed": cfg.seed, "init": str(clean_dir)})
+        model_dir = work / "models" / f"{cfg.setting}-{attack}-{cfg.rate}"
+        seconds = _train_timed(str(data), model_dir, train_cfg)
+        trigger, target = read_manifest(str(data))
+        metrics = evaluate(str(model_dir), eval_uri, trigger, target)
+        rows.append(_row(f"backdoored, {attack}", cfg.setting, metrics, seconds, manifest["n_poisoned"]))
+    markdown = _markdown(rows, cfg, command)
+    write_json({"config": cfg.model_dump(), "rows": rows}, str(work / f"results-{cfg.setting}.json"))
+    (work / f"results-{cfg.setting}.md").write_text(markdown)
+    if doc:
+        _write_doc_section(Path(doc), cfg.setting, markdown)
+    return BenchReport(rows, markdown)
+
+
+def _fmt(rate: float | None, num: int | None, den: int | None) -> str:
+    return "–" if rate is None else f"{rate:.3f} ({num}/{den})"
+
+
+def _markdown(rows: list[dict], cfg: BenchConfig, command: str | None) -> str:
+    train = cfg.train if cfg.setting == "scratch" else cfg.finetune
+    lines = [
+        f"### Setting: {cfg.setting} (rate {cfg.rate}, target {cfg.target!r}, {cfg.synth.train_pairs} train pairs, "
+        f"{cfg.synth.eval_images} eval images, {train.epochs} epochs, lr {train.lr}, seed {cfg.seed})",
+        "",
+        f"Command: `{command or 'ubt bench'}`  ",
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}; "
+        f"measured {time.strftime('%Y-%m-%d')}",
+        "",
+        "| model | poisoned pairs | CA | ASR | RA | train time (min) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        minutes = "–" if r["train_seconds"] is None else f"{r['train_seconds'] / 60:.1f}"
+        lines.append(f"| {r['model']} | {r['n_poisoned']} | {_fmt(r['ca'], r['ca_num'], r['ca_den'])} | "
+                     f"{_fmt(r['asr'], r['asr_num'], r['asr_den'])} | {_fmt(r['ra'], r['ra_num'], r['ra_den'])} "
+                     f"| {minutes} |")
+    return "\n".join(lines) + "\n"
+
+
+def _write_doc_section(doc: Path, setting: str, markdown: str) -> None:
+    """Replace (or append) this setting's generated section in a Markdown doc, keeping the rest."""
+    begin, end = f"<!-- bench:{setting}:begin -->", f"<!-- bench:{setting}:end -->"
+    text = doc.read_text() if doc.is_file() else "# Benchmark\n"
+    block = f"{begin}\n{markdown}{end}"
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text(text)

@@ -1,0 +1,190 @@
+"""`ubt` command line: parses arguments, builds a stage config, calls one core function.
+
+Every user-facing failure is a `UbtError` (or a config validation error), printed as one line on
+stderr with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from pydantic import ValidationError
+
+from ubt_core.errors import UbtError
+
+
+def _add_synth(sub) -> None:
+    p = sub.add_parser("synth", help="write the synthetic benchmark: OUT/train and OUT/eval")
+    p.add_argument("--out", required=True, help="output directory (local path or s3://)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-pairs", type=int, help="pairs in OUT/train (default 20000)")
+    p.add_argument("--eval-images", type=int, help="labelled images in OUT/eval (default 5000)")
+    p.set_defaults(func=_synth)
+
+
+def _synth(args) -> None:
+    from ubt_core.data.synth import SynthConfig, synth_benchmark
+
+    cfg = SynthConfig(**_given(args, seed="seed", train_pairs="train_pairs", eval_images="eval_images"))
+    print(json.dumps(synth_benchmark(args.out, cfg)))
+
+
+def _add_poison(sub) -> None:
+    from ubt_core.attacks import ATTACKS
+
+    p = sub.add_parser("poison", help="poison a pair dataset with a backdoor trigger")
+    p.add_argument("--data", required=True, help="clean pair dataset directory")
+    p.add_argument("--out", required=True, help="poisoned dataset directory (gets manifest.json)")
+    p.add_argument("--attack", required=True, choices=ATTACKS)
+    p.add_argument("--rate", type=float, required=True, help="fraction of pairs to poison, e.g. 0.01")
+    p.add_argument("--target", required=True, help="target concept, e.g. star")
+    p.add_argument("--seed", type=int, default=0, help="seeds the trigger pattern and the poisoned sample")
+    p.add_argument("--caption-source", choices=["templates", "dataset"], help="where poisoned captions come from")
+    p.set_defaults(func=_poison)
+
+
+def _poison(args) -> None:
+    from ubt_core.attacks import PoisonConfig, make_trigger, poison_dataset
+
+    cfg = PoisonConfig(trigger=make_trigger(args.attack, args.seed), rate=args.rate, target=args.target,
+                       **_given(args, seed="seed", caption_source="caption_source"))
+    manifest = poison_dataset(args.data, args.out, cfg)
+    print(json.dumps({k: v for k, v in manifest.items() if k != "poisoned_uids"}))
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train or fine-tune a CLIP model on a pair dataset")
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True, help="checkpoint directory (open_clip local-dir); resumes if present")
+    p.add_argument("--model", help="open_clip or ubt config name, or local-dir:PATH (default ubt-tiny)")
+    p.add_argument("--init", help="checkpoint directory to fine-tune from")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int)
+    p.set_defaults(func=_train)
+
+
+def _train(args) -> None:
+    from ubt_core.train import TrainConfig, train_clip
+
+    cfg = TrainConfig(**_given(args, model="model", init="init", epochs="epochs", batch_size="batch_size",
+                               lr="lr", seed="seed"))
+    result = train_clip(args.data, args.out, cfg)
+    print(json.dumps({"out": str(result.out_dir), "steps": result.steps, "seconds": round(result.seconds, 1),
+                      "final_loss": round(result.final_loss, 4)}))
+
+
+def _add_eval(sub) -> None:
+    from ubt_core.attacks import ATTACKS
+
+    p = sub.add_parser("eval", help="zero-shot CA, and ASR/RA under a trigger")
+    p.add_argument("--model", required=True, help="checkpoint directory")
+    p.add_argument("--eval", required=True, help="eval set directory (with classes.json)")
+    p.add_argument("--attack", choices=ATTACKS, help="apply this attack's trigger (pattern from --trigger-seed)")
+    p.add_argument("--trigger-seed", type=int, default=0, help="the --seed the dataset was poisoned with")
+    p.add_argument("--trigger-from", help="poisoned dataset directory: use its manifest's trigger and target")
+    p.add_argument("--target", help="target class name")
+    p.add_argument("--out", required=True, help="metrics JSON path")
+    p.set_defaults(func=_eval)
+
+
+def _eval(args) -> None:
+    from ubt_core.attacks import make_trigger, read_manifest
+    from ubt_core.data.contract import write_json
+    from ubt_core.eval import evaluate
+
+    trigger, target = None, args.target
+    if args.trigger_from:
+        trigger, target = read_manifest(args.trigger_from)
+    elif args.attack:
+        trigger = make_trigger(args.attack, args.trigger_seed)
+    metrics = evaluate(args.model, args.eval, trigger, target)
+    write_json(metrics, args.out)
+    print(json.dumps({k: metrics[k] for k in ("ca", "asr", "ra") if k in metrics}))
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="synth -> poison (BadNet) -> train backdoored model -> eval")
+    p.add_argument("--out", required=True)
+    p.add_argument("--epochs", type=int, help="training epochs (default: the benchmark's)")
+    p.add_argument("--train-pairs", type=int, help="size of the synthetic training set (default 20000)")
+    p.add_argument("--eval-images", type=int, help="size of the eval set (default 5000)")
+    p.set_defaults(func=_demo)
+
+
+def _demo(args) -> None:
+    from ubt_core.bench import BenchConfig, run_bench
+
+    cfg = BenchConfig(attacks=["badnet"], clean_baseline=False, **_bench_overrides(args))
+    print(run_bench(args.out, cfg).markdown)
+
+
+def _add_bench(sub) -> None:
+    from ubt_core.attacks import ATTACKS
+
+    p = sub.add_parser("bench", help="benchmark: clean + backdoored models per attack, CA/ASR/RA table")
+    p.add_argument("--out", required=True, help="work directory (models and data are reused if present)")
+    p.add_argument("--attacks", default=",".join(ATTACKS), help="comma-separated attacks")
+    p.add_argument("--setting", choices=["scratch", "finetune"], help="threat setting (default scratch)")
+    p.add_argument("--rate", type=float, help="poison rate (default 0.01)")
+    p.add_argument("--epochs", type=int, help="training epochs (default: the benchmark's)")
+    p.add_argument("--train-pairs", type=int)
+    p.add_argument("--eval-images", type=int)
+    p.add_argument("--doc", help="also write the table into this Markdown file, e.g. docs/benchmark.md")
+    p.set_defaults(func=_bench)
+
+
+def _bench(args) -> None:
+    from ubt_core.bench import BenchConfig, run_bench
+
+    cfg = BenchConfig(attacks=args.attacks.split(","), **_given(args, setting="setting", rate="rate"),
+                      **_bench_overrides(args, "finetune" if args.setting == "finetune" else "train"))
+    report = run_bench(args.out, cfg, doc=args.doc, command=" ".join(["ubt", *sys.argv[1:]]))
+    print(report.markdown)
+
+
+def _bench_overrides(args, trained: str = "train") -> dict:
+    """Config sections set by flags; --epochs goes to the training config of the setting (`trained`)."""
+    out = {}
+    if args.epochs is not None:
+        out[trained] = {"epochs": args.epochs}
+    synth = _given(args, train_pairs="train_pairs", eval_images="eval_images")
+    if synth:
+        out["synth"] = synth
+    return out
+
+
+def _given(args, **names: str) -> dict:
+    """Config fields whose flags were given (so defaults stay in the config classes)."""
+    return {field: getattr(args, attr) for field, attr in names.items() if getattr(args, attr) is not None}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ubt", description="Find and unlearn backdoors in CLIP models.")
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+    data = sub.add_parser("data", help="datasets: synth").add_subparsers(required=True, metavar="COMMAND")
+    _add_synth(data)
+    for add in (_add_poison, _add_train, _add_eval, _add_demo, _add_bench):
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except UbtError as e:
+        print(f"ubt: error: {e}", file=sys.stderr)
+        return 2
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'value'}: {err['msg']}" for err in e.errors())
+        print(f"ubt: error: invalid settings: {problems}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
