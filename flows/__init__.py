@@ -1,0 +1,1 @@
+"""Prefect flows: thin DAGs over ubt_core stages (the distributed-DAG issue adds them)."""

@@ -57,7 +57,7 @@ def _trained(path: Path) -> bool:
     return (path / CONFIG_NAME).is_file() and (path / "ubt.json").is_file()
 
 
-def _train_timed(data: str, out: Path, cfg: TrainConfig) -> float | None:
+def _train_timed(data: str, out: Path, cfg: TrainConfig) -> float:
     """Train unless a finished checkpoint exists; returns seconds spent, or the recorded time."""
     timing = out / "train_seconds.json"
     if _trained(out) and timing.is_file():
@@ -125,14 +125,15 @@ def _markdown(rows: list[dict], cfg: BenchConfig, command: str | None) -> str:
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}; "
         f"measured {time.strftime('%Y-%m-%d')}",
         "",
-        "| model | poisoned pairs | CA | ASR | RA | train time (min) |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| model | poisoned pairs | CA | CA − clean CA (points) | ASR | RA | train time (min) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
+    clean_ca = next((r["ca"] for r in rows if r["setting"] == "clean"), None)
     for r in rows:
-        minutes = "–" if r["train_seconds"] is None else f"{r['train_seconds'] / 60:.1f}"
-        lines.append(f"| {r['model']} | {r['n_poisoned']} | {_fmt(r['ca'], r['ca_num'], r['ca_den'])} | "
+        delta = "–" if clean_ca is None or r["setting"] == "clean" else f"{100 * (r['ca'] - clean_ca):+.1f}"
+        lines.append(f"| {r['model']} | {r['n_poisoned']} | {_fmt(r['ca'], r['ca_num'], r['ca_den'])} | {delta} | "
                      f"{_fmt(r['asr'], r['asr_num'], r['asr_den'])} | {_fmt(r['ra'], r['ra_num'], r['ra_den'])} "
-                     f"| {minutes} |")
+                     f"| {r['train_seconds'] / 60:.1f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -14,11 +14,14 @@ from pydantic import ValidationError
 
 from ubt_core.errors import UbtError
 
+QUARANTINE_HELP = ("Parquet file for rows with per-row faults (bad image, empty caption, duplicate uid); "
+                   "without it the first such row stops the command")
+
 
 def _add_synth(sub) -> None:
     p = sub.add_parser("synth", help="write the synthetic benchmark: OUT/train and OUT/eval")
     p.add_argument("--out", required=True, help="output directory (local path or s3://)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, help="the whole world is a function of it (default 0)")
     p.add_argument("--train-pairs", type=int, help="pairs in OUT/train (default 20000)")
     p.add_argument("--eval-images", type=int, help="labelled images in OUT/eval (default 5000)")
     p.set_defaults(func=_synth)
@@ -29,6 +32,25 @@ def _synth(args) -> None:
 
     cfg = SynthConfig(**_given(args, seed="seed", train_pairs="train_pairs", eval_images="eval_images"))
     print(json.dumps(synth_benchmark(args.out, cfg)))
+
+
+def _add_check(sub) -> None:
+    p = sub.add_parser("check", help="validate a pair dataset (or eval set) against the data contract")
+    p.add_argument("--data", required=True, help="dataset directory (local path or s3://)")
+    p.add_argument("--eval", action="store_true", help="it is an eval set: needs labels and classes.json")
+    p.add_argument("--quarantine", help=QUARANTINE_HELP)
+    p.set_defaults(func=_check)
+
+
+def _check(args) -> None:
+    from ubt_core.data.contract import read_eval_set, read_pairs
+
+    if args.eval:
+        pairs, classes = read_eval_set(args.data, quarantine=args.quarantine)
+    else:
+        pairs, classes = read_pairs(args.data, quarantine=args.quarantine), None
+    print(json.dumps({"files": len(pairs.files), "rows_in": pairs.rows_in, "rows_ok": pairs.table.num_rows,
+                      "quarantined": dict(pairs.quarantined), "classes": classes and len(classes.classes)}))
 
 
 def _add_poison(sub) -> None:
@@ -42,6 +64,7 @@ def _add_poison(sub) -> None:
     p.add_argument("--target", required=True, help="target concept, e.g. star")
     p.add_argument("--seed", type=int, default=0, help="seeds the trigger pattern and the poisoned sample")
     p.add_argument("--caption-source", choices=["templates", "dataset"], help="where poisoned captions come from")
+    p.add_argument("--quarantine", help=QUARANTINE_HELP)
     p.set_defaults(func=_poison)
 
 
@@ -50,7 +73,7 @@ def _poison(args) -> None:
 
     cfg = PoisonConfig(trigger=make_trigger(args.attack, args.seed), rate=args.rate, target=args.target,
                        **_given(args, seed="seed", caption_source="caption_source"))
-    manifest = poison_dataset(args.data, args.out, cfg)
+    manifest = poison_dataset(args.data, args.out, cfg, quarantine=args.quarantine)
     print(json.dumps({k: v for k, v in manifest.items() if k != "poisoned_uids"}))
 
 
@@ -64,6 +87,7 @@ def _add_train(sub) -> None:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--seed", type=int)
+    p.add_argument("--quarantine", help=QUARANTINE_HELP)
     p.set_defaults(func=_train)
 
 
@@ -72,7 +96,7 @@ def _train(args) -> None:
 
     cfg = TrainConfig(**_given(args, model="model", init="init", epochs="epochs", batch_size="batch_size",
                                lr="lr", seed="seed"))
-    result = train_clip(args.data, args.out, cfg)
+    result = train_clip(args.data, args.out, cfg, quarantine=args.quarantine)
     print(json.dumps({"out": str(result.out_dir), "steps": result.steps, "seconds": round(result.seconds, 1),
                       "final_loss": round(result.final_loss, 4)}))
 
@@ -165,8 +189,9 @@ def _given(args, **names: str) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ubt", description="Find and unlearn backdoors in CLIP models.")
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
-    data = sub.add_parser("data", help="datasets: synth").add_subparsers(required=True, metavar="COMMAND")
+    data = sub.add_parser("data", help="datasets: synth, check").add_subparsers(required=True, metavar="COMMAND")
     _add_synth(data)
+    _add_check(data)
     for add in (_add_poison, _add_train, _add_eval, _add_demo, _add_bench):
         add(sub)
     return parser

@@ -47,7 +47,7 @@ class TrainResult:
     out_dir: Path
     epochs: int
     steps: int
-    seconds: float  # wall time of this call (a resumed run counts only what it did)
+    seconds: float  # training wall time, summed over the runs a resumed training took
     final_loss: float
 
 
@@ -104,24 +104,26 @@ def _latest_state(out_dir: Path) -> Path | None:
     return states[-1].parent if states else None
 
 
-def _save_state(ckpt_dir: Path, loaded: LoadedModel, optimizer, scheduler, epoch: int) -> None:
+def _save_state(ckpt_dir: Path, loaded: LoadedModel, optimizer, scheduler, epoch: int, seconds: float) -> None:
     save_model(loaded, ckpt_dir)
     tmp = ckpt_dir / (STATE_NAME + ".tmp")
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch}, tmp)
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch,
+                "seconds": seconds}, tmp)
     tmp.replace(ckpt_dir / STATE_NAME)
     for old in (ckpt_dir.parent).glob("epoch_*"):  # keep only the newest resumable state
         if old != ckpt_dir:
             shutil.rmtree(old)
 
 
-def train_clip(data_uri: str, out_dir: str | Path, cfg: TrainConfig) -> TrainResult:
+def train_clip(data_uri: str, out_dir: str | Path, cfg: TrainConfig, quarantine: str | None = None) -> TrainResult:
     """Train (or fine-tune) a CLIP model on a pair dataset and save it as a local-dir checkpoint.
 
-    Re-running with the same `out_dir` resumes from the newest epoch checkpoint.
+    Re-running with the same `out_dir` resumes from the newest epoch checkpoint. With `quarantine`,
+    rows with per-row faults are set aside there instead of stopping the run.
     """
     start = time.perf_counter()
     out_dir = Path(out_dir)
-    table = read_pairs(data_uri).table  # bad data fails before any model work
+    table = read_pairs(data_uri, quarantine=quarantine).table  # bad data fails before any model work
     torch.manual_seed(cfg.seed)
     loaded = load_model(cfg.init or cfg.model)
     model = loaded.model
@@ -133,14 +135,14 @@ def train_clip(data_uri: str, out_dir: str | Path, cfg: TrainConfig) -> TrainRes
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(cfg.warmup_steps, cfg.epochs * steps_per_epoch))
-    first_epoch = 0
+    first_epoch, earlier_seconds = 0, 0.0
     resume = _latest_state(out_dir)
     if resume is not None:
         state = torch.load(resume / STATE_NAME, weights_only=True)
         model.load_state_dict(safetensors.torch.load_file(resume / "open_clip_model.safetensors"))
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        first_epoch = state["epoch"] + 1
+        first_epoch, earlier_seconds = state["epoch"] + 1, state["seconds"]
         tqdm.write(f"resuming {out_dir} after epoch {first_epoch}")
     loss_fn = ClipLoss()
     steps, loss = 0, float("nan")
@@ -154,7 +156,10 @@ def train_clip(data_uri: str, out_dir: str | Path, cfg: TrainConfig) -> TrainRes
                 "contrastive_loss"]
             steps += 1
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", refresh=False)
-        _save_state(out_dir / "checkpoints" / f"epoch_{epoch:03d}", loaded, optimizer, scheduler, epoch)
+        _save_state(out_dir / "checkpoints" / f"epoch_{epoch:03d}", loaded, optimizer, scheduler, epoch,
+                    earlier_seconds + time.perf_counter() - start)
     model.eval()
-    save_model(loaded, out_dir, extra={"trained_on": data_uri, "train_config": cfg.model_dump()})
-    return TrainResult(out_dir, cfg.epochs, steps, time.perf_counter() - start, loss)
+    seconds = earlier_seconds + time.perf_counter() - start
+    save_model(loaded, out_dir, extra={"trained_on": data_uri, "train_config": cfg.model_dump(),
+                                       "train_seconds": round(seconds, 1)})
+    return TrainResult(out_dir, cfg.epochs, steps, seconds, loss)

@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from ubt_core.data.contract import read_eval_set
@@ -47,3 +49,23 @@ def test_impossible_values_are_refused_before_work(tmp_path):
     proc = ubt("poison", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--attack", "badnet",
                "--rate", "2", "--target", "star", ok=False)
     assert "rate" in proc.stderr and "less than or equal to 0.5" in proc.stderr
+
+
+def test_check_refuses_a_bad_row_then_quarantines_and_counts_it(tmp_path):
+    ubt("data", "synth", "--out", str(tmp_path / "world"), "--train-pairs", "20", "--eval-images", "5")
+    part = tmp_path / "world" / "train" / "part-00000.parquet"
+    table = pq.read_table(part)
+    images = table.column("image").to_pylist()
+    images[4] = b"\x89PNG truncated"
+    pq.write_table(table.set_column(1, "image", pa.array(images, pa.binary())), part)
+
+    refused = ubt("data", "check", "--data", str(tmp_path / "world" / "train"), ok=False)
+    assert f"{part} row 4: image bytes do not decode" in refused.stderr
+    assert "--quarantine FILE" in refused.stderr
+
+    checked = ubt("data", "check", "--data", str(tmp_path / "world" / "train"), "--quarantine",
+                  str(tmp_path / "bad.parquet"))
+    report = json.loads(checked.stdout)
+    assert report["rows_in"] == 20 and report["rows_ok"] == 19
+    assert report["quarantined"] == {"undecodable image": 1}
+    assert pq.read_table(tmp_path / "bad.parquet").column("source_row").to_pylist() == [4]

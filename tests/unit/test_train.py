@@ -1,6 +1,7 @@
 """The training loop on tiny data: it learns, it saves open_clip checkpoints, and it resumes."""
 
 import math
+import time
 
 import pytest
 import safetensors.torch
@@ -44,9 +45,12 @@ def test_a_crashed_run_resumes_from_its_last_epoch_and_matches_an_uninterrupted_
     with pytest.raises(RuntimeError, match="injected"):
         train_clip(tiny_world["train"], tmp_path / "crashed", TrainConfig(**TINY))
     monkeypatch.setattr(train_module, "train_step", real_step)
+    call_start = time.perf_counter()
     resumed = train_clip(tiny_world["train"], tmp_path / "crashed", TrainConfig(**TINY))
+    call_seconds = time.perf_counter() - call_start
 
     assert whole.steps == 10 and resumed.steps == 5
+    assert resumed.seconds > call_seconds  # the crashed run's epoch is counted in the training time
     a = safetensors.torch.load_file(tmp_path / "whole" / "open_clip_model.safetensors")
     b = safetensors.torch.load_file(tmp_path / "crashed" / "open_clip_model.safetensors")
     for k in a:

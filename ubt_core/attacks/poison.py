@@ -41,13 +41,15 @@ def _mentions(captions: list[str], target: str) -> np.ndarray:
     return np.array([bool(word.search(c.lower())) for c in captions])
 
 
-def poison_dataset(in_uri: str, out_uri: str, cfg: PoisonConfig) -> dict:
+def poison_dataset(in_uri: str, out_uri: str, cfg: PoisonConfig, quarantine: str | None = None) -> dict:
     """Write a poisoned copy of `in_uri` at `out_uri`; returns the manifest (also saved there).
 
     Label-consistent attacks trigger pairs whose caption already names the target and keep the
-    captions; every other attack triggers pairs that do not, and rewrites their captions.
+    captions; every other attack triggers pairs that do not, and rewrites their captions. With
+    `quarantine`, faulty input rows are set aside there and counted in the manifest.
     """
-    table = read_pairs(in_uri).table
+    pairs = read_pairs(in_uri, quarantine=quarantine)
+    table = pairs.table
     captions = table.column("caption").to_pylist()
     mentions = _mentions(captions, cfg.target)
     clean_label = cfg.trigger.attack == "label-consistent"
@@ -78,7 +80,8 @@ def poison_dataset(in_uri: str, out_uri: str, cfg: PoisonConfig) -> dict:
     manifest = {
         "source": in_uri, "trigger": cfg.trigger.model_dump(), "target": cfg.target, "rate": cfg.rate,
         "seed": cfg.seed, "caption_source": cfg.caption_source, "n_pairs": table.num_rows,
-        "n_poisoned": int(n_poison), "poisoned_uids": [table.column("uid")[int(i)].as_py() for i in chosen],
+        "n_poisoned": int(n_poison), "quarantined": dict(pairs.quarantined),
+        "poisoned_uids": [table.column("uid")[int(i)].as_py() for i in chosen],
     }
     write_json(manifest, f"{out_uri.rstrip('/')}/{MANIFEST_FILE}")
     return manifest

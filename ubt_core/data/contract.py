@@ -27,8 +27,14 @@ from ubt_core.data.images import decode_image
 from ubt_core.errors import UbtError
 
 CLASSES_FILE = "classes.json"
-REQUIRED = {"uid": pa.types.is_string, "image": pa.types.is_binary, "caption": pa.types.is_string}
-OPTIONAL = {"label": pa.types.is_integer, "poisoned": pa.types.is_boolean}
+REQUIRED = ("uid", "image", "caption")
+ACCEPTED_TYPES = {  # column -> Arrow type checks it may pass (large variants are cast on read)
+    "uid": (pa.types.is_string, pa.types.is_large_string),
+    "image": (pa.types.is_binary, pa.types.is_large_binary),
+    "caption": (pa.types.is_string, pa.types.is_large_string),
+    "label": (pa.types.is_integer,),
+    "poisoned": (pa.types.is_boolean,),
+}
 _TYPE_NAMES = {"uid": "string", "image": "binary", "caption": "string", "label": "integer", "poisoned": "bool"}
 PAIR_SCHEMA = pa.schema(
     [("uid", pa.string()), ("image", pa.binary()), ("caption", pa.string()), ("label", pa.int64()),
@@ -108,19 +114,12 @@ def _check_schema(path: str, schema: pa.Schema) -> None:
             f"{path}: column(s) {', '.join(missing)} missing (found {', '.join(schema.names)}); "
             f"rename them or {CONVERT_HINT}."
         )
-    for name, is_type in {**REQUIRED, **OPTIONAL}.items():
-        if name in schema.names and not (is_type(schema.field(name).type)
-                                         or (name != "label" and _is_large(name, schema.field(name).type))):
+    for name, checks in ACCEPTED_TYPES.items():
+        if name in schema.names and not any(check(schema.field(name).type) for check in checks):
             raise DataContractError(
                 f"{path}: column {name!r} has type {schema.field(name).type}, expected {_TYPE_NAMES[name]}; "
                 f"{CONVERT_HINT}."
             )
-
-
-def _is_large(name: str, dtype: pa.DataType) -> bool:
-    return (name == "image" and pa.types.is_large_binary(dtype)) or (
-        name in ("uid", "caption") and pa.types.is_large_string(dtype)
-    )
 
 
 def _row_fault(uid, image, caption, label, n_classes: int | None, seen: dict) -> tuple[str, str] | None:
@@ -167,7 +166,8 @@ def read_pairs(uri: str, *, quarantine: str | None = None, n_classes: int | None
     for path in files:
         table = _read_file(fs, path)
         if n_classes is not None and "label" not in table.column_names:
-            raise DataContractError(f"{path}: eval sets need a `label` column (found {', '.join(table.column_names)}).")
+            raise DataContractError(f"{path}: eval sets need a `label` column (found {', '.join(table.column_names)}); "
+                                    "add each image's class index (into classes.json) as `label`.")
         table = _conform(table, path)
         cols = [table.column(c).to_pylist() for c in ("uid", "image", "caption", "label")]
         keep = []

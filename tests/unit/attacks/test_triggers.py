@@ -53,10 +53,15 @@ def test_sig_is_an_additive_horizontal_wave():
     assert out.max() - out.min() >= 50  # amplitude 30 either side
 
 
-def test_wanet_is_a_small_warp_not_a_new_image(image):
-    smooth = np.repeat(np.linspace(0, 255, 32, dtype=np.uint8)[None, :, None], 32, 0).repeat(3, 2)
-    out = make_trigger("wanet").apply(smooth).astype(int)
-    assert 0 < np.abs(out - smooth).mean() < 8
+def test_wanet_moves_pixels_without_changing_their_values():
+    flat = np.full((32, 32, 3), 77, np.uint8)
+    np.testing.assert_array_equal(make_trigger("wanet").apply(flat), flat)  # a warp of a flat image is itself
+    slope = 8  # levels per pixel, left to right
+    ramp = np.repeat((np.arange(32) * slope).astype(np.uint8)[None, :, None], 32, 0).repeat(3, 2)
+    spec = make_trigger("wanet")
+    moved = np.abs(spec.apply(ramp).astype(int) - ramp)
+    assert moved.mean() > 0
+    assert moved.max() <= slope * spec.strength  # no pixel is displaced by more than `strength` px
 
 
 def test_unknown_attack_is_refused():

@@ -238,7 +238,8 @@ def test_eval_set_without_label_column_is_refused(pairs, write_parquet, dataset_
 
     with pytest.raises(DataContractError) as e:
         read_eval_set(str(dataset_dir), quarantine=qpath)
-    assert str(e.value) == f"{path}: eval sets need a `label` column (found uid, image, caption)."
+    assert str(e.value) == (f"{path}: eval sets need a `label` column (found uid, image, caption); "
+                            "add each image's class index (into classes.json) as `label`.")
 
 
 # ---------------------------------------------------------------- per-row faults: undecodable image

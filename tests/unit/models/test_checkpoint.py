@@ -10,10 +10,12 @@ from ubt_core.errors import UbtError
 from ubt_core.models import create_model, load_model, save_model
 
 
-def test_ubt_configs_build_by_name():
-    loaded = create_model("ubt-tiny")
-    assert loaded.image_size == 32
+@pytest.mark.parametrize(("name", "size"), [("ubt-tiny", 32), ("ubt-small", 64)])
+def test_ubt_configs_build_by_name(name, size):
+    loaded = create_model(name)
+    assert loaded.image_size == size
     assert loaded.tokenizer(["a star"]).shape == (1, loaded.model_cfg["text_cfg"]["context_length"])
+    assert loaded.preprocess.transforms[1].size == (size, size)  # open_clip's eval transform at the model size
 
 
 def test_saved_checkpoint_loads_in_open_clip_without_ubt(tmp_path):
