@@ -56,8 +56,7 @@ def evaluate(model_dir: str, eval_uri: str, trigger: TriggerSpec | None = None, 
     if target is not None and target not in classes.classes:
         raise UbtError(f"target {target!r} is not a class of {eval_uri}/classes.json "
                        f"({', '.join(classes.classes)}).")
-    loaded = load_model(model_dir)
-    loaded.model.eval()
+    loaded = load_model(model_dir)  # in eval mode
     with torch.no_grad():
         classifier = build_zero_shot_classifier(loaded.model, loaded.tokenizer, classes.classes, classes.templates,
                                                 num_classes_per_batch=None)
