@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from ubt_core.attacks.triggers import ATTACKS, make_trigger, trigger_from_dict
+from ubt_core.attacks.triggers import ATTACKS, BlendedTrigger, make_trigger, trigger_from_dict
 
 
 @pytest.fixture
@@ -28,9 +28,16 @@ def test_trigger_is_pure_and_reproducible_from_its_spec(attack, image):
     np.testing.assert_array_equal(first, again)
 
 
-@pytest.mark.parametrize("attack", ["badnet", "blended", "wanet"])
+@pytest.mark.parametrize("attack", ["badnet", "wanet"])
 def test_pattern_depends_on_seed(attack, image):
     assert (make_trigger(attack, 0).apply(image) != make_trigger(attack, 1).apply(image)).any()
+
+
+def test_blended_noise_key_depends_on_seed_and_logo_key_does_not(image):
+    noise = [BlendedTrigger(key="noise", seed=s).apply(image) for s in (0, 1)]
+    logo = [BlendedTrigger(key="logo", seed=s).apply(image) for s in (0, 1)]
+    assert (noise[0] != noise[1]).any()
+    np.testing.assert_array_equal(logo[0], logo[1])
 
 
 def test_badnet_touches_only_its_corner(image):
