@@ -53,18 +53,12 @@ class BenchReport:
     markdown: str
 
 
-def _trained(path: Path) -> bool:
-    return (path / CONFIG_NAME).is_file() and (path / "ubt.json").is_file()
-
-
 def _train_timed(data: str, out: Path, cfg: TrainConfig) -> float:
-    """Train unless a finished checkpoint exists; returns seconds spent, or the recorded time."""
-    timing = out / "train_seconds.json"
-    if _trained(out) and timing.is_file():
-        return json.loads(timing.read_text())["seconds"]
-    result = train_clip(data, out, cfg)
-    timing.write_text(json.dumps({"seconds": result.seconds}))
-    return result.seconds
+    """Train unless a finished checkpoint exists; returns the training seconds it recorded."""
+    lineage = out / "ubt.json"
+    if not ((out / CONFIG_NAME).is_file() and lineage.is_file()):
+        train_clip(data, out, cfg)
+    return json.loads(lineage.read_text())["train_seconds"]
 
 
 def _row(name: str, setting: str, metrics: dict, seconds: float | None, n_poisoned: int) -> dict:

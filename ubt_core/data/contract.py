@@ -28,14 +28,13 @@ from ubt_core.errors import UbtError
 
 CLASSES_FILE = "classes.json"
 REQUIRED = ("uid", "image", "caption")
-ACCEPTED_TYPES = {  # column -> Arrow type checks it may pass (large variants are cast on read)
-    "uid": (pa.types.is_string, pa.types.is_large_string),
-    "image": (pa.types.is_binary, pa.types.is_large_binary),
-    "caption": (pa.types.is_string, pa.types.is_large_string),
-    "label": (pa.types.is_integer,),
-    "poisoned": (pa.types.is_boolean,),
+ACCEPTED_TYPES = {  # column -> (type name for messages, Arrow type checks it may pass; large ones are cast)
+    "uid": ("string", (pa.types.is_string, pa.types.is_large_string)),
+    "image": ("binary", (pa.types.is_binary, pa.types.is_large_binary)),
+    "caption": ("string", (pa.types.is_string, pa.types.is_large_string)),
+    "label": ("integer", (pa.types.is_integer,)),
+    "poisoned": ("bool", (pa.types.is_boolean,)),
 }
-_TYPE_NAMES = {"uid": "string", "image": "binary", "caption": "string", "label": "integer", "poisoned": "bool"}
 PAIR_SCHEMA = pa.schema(
     [("uid", pa.string()), ("image", pa.binary()), ("caption", pa.string()), ("label", pa.int64()),
      ("poisoned", pa.bool_())]
@@ -114,10 +113,10 @@ def _check_schema(path: str, schema: pa.Schema) -> None:
             f"{path}: column(s) {', '.join(missing)} missing (found {', '.join(schema.names)}); "
             f"rename them or {CONVERT_HINT}."
         )
-    for name, checks in ACCEPTED_TYPES.items():
+    for name, (type_name, checks) in ACCEPTED_TYPES.items():
         if name in schema.names and not any(check(schema.field(name).type) for check in checks):
             raise DataContractError(
-                f"{path}: column {name!r} has type {schema.field(name).type}, expected {_TYPE_NAMES[name]}; "
+                f"{path}: column {name!r} has type {schema.field(name).type}, expected {type_name}; "
                 f"{CONVERT_HINT}."
             )
 
