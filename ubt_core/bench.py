@@ -101,7 +101,7 @@ def run_bench(work_dir: str, cfg: BenchConfig, doc: str | None = None, command: 
     write_json({"config": cfg.model_dump(), "rows": rows}, str(work / f"results-{cfg.setting}.json"))
     (work / f"results-{cfg.setting}.md").write_text(markdown)
     if doc:
-        _write_doc_section(Path(doc), cfg.setting, markdown)
+        write_doc_section(Path(doc), f"bench:{cfg.setting}", markdown)
     return BenchReport(rows, markdown)
 
 
@@ -131,9 +131,9 @@ def _markdown(rows: list[dict], cfg: BenchConfig, command: str | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_doc_section(doc: Path, setting: str, markdown: str) -> None:
-    """Replace (or append) this setting's generated section in a Markdown doc, keeping the rest."""
-    begin, end = f"<!-- bench:{setting}:begin -->", f"<!-- bench:{setting}:end -->"
+def write_doc_section(doc: Path, key: str, markdown: str) -> None:
+    """Replace (or append) the generated section `key` of a Markdown doc, keeping the rest."""
+    begin, end = f"<!-- {key}:begin -->", f"<!-- {key}:end -->"
     text = doc.read_text() if doc.is_file() else "# Benchmark\n"
     block = f"{begin}\n{markdown}{end}"
     if begin in text and end in text:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from pydantic import ValidationError
 
@@ -130,8 +131,69 @@ def _eval(args) -> None:
     print(json.dumps({k: metrics[k] for k in ("ca", "asr", "ra") if k in metrics}))
 
 
+def _add_defend(sub) -> None:
+    p = sub.add_parser("defend",
+                       help="UBT: find poisoned pairs and unlearn the backdoor (overfit, scan, select, unlearn)")
+    p.add_argument("--model", required=True, help="suspect checkpoint directory")
+    p.add_argument("--data", required=True, help="the pair dataset the model was trained on")
+    p.add_argument("--out", required=True, help="output directory: model/, suspicious.parquet, report.json/.md")
+    p.add_argument("--config", help="JSON file of DefenseConfig overrides, e.g. {\"unlearn\": {\"steps\": 40}}")
+    p.add_argument("--k", type=int,
+                   help="unlearn exactly the k most suspicious pairs (default: chosen from the scores)")
+    p.add_argument("--quarantine", help="set faulty input rows aside in this Parquet file instead of failing")
+    p.set_defaults(func=_defend)
+
+
+def _json_file(path: str, flag: str) -> dict:
+    try:
+        value = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise UbtError(f"{flag} {path}: cannot read it ({e.strerror}).") from None
+    except json.JSONDecodeError as e:
+        raise UbtError(f"{flag} {path}: not valid JSON (line {e.lineno}: {e.msg}).") from None
+    if not isinstance(value, dict):
+        raise UbtError(f"{flag} {path}: expected a JSON object of settings, got {type(value).__name__}.")
+    return value
+
+
+def _defense_overrides(args) -> dict:
+    override = _json_file(args.config, "--config") if args.config else {}
+    if args.k is not None:
+        override.setdefault("select", {})["k"] = args.k
+    return override
+
+
+def _defend(args) -> None:
+    from ubt_core.defense import defend
+    from ubt_core.defense.bench import variant_config
+
+    report = defend(args.model, args.data, args.out, variant_config(_defense_overrides(args)), args.quarantine)
+    print(json.dumps({k: report[k] for k in ("k", "verdict", "total_seconds")} | (
+        {"detection": report["detection"]} if "detection" in report else {})))
+
+
+def _add_bench_defense(sub) -> None:
+    p = sub.add_parser("bench-defense", help="run UBT (and ablation variants) on the models of `ubt bench`")
+    p.add_argument("--out", required=True, help="the work directory of `ubt bench`")
+    p.add_argument("--setting", choices=["scratch", "finetune"], default="scratch")
+    p.add_argument("--attacks", default="badnet,blended,sig,wanet", help="comma-separated attacks")
+    p.add_argument("--variants", help="JSON file {name: DefenseConfig overrides}; default: UBT as configured")
+    p.add_argument("--no-clean-check", action="store_true", help="skip defending the clean model")
+    p.add_argument("--doc", help="also write the table into this Markdown file, e.g. docs/algorithm.md")
+    p.set_defaults(func=_bench_defense)
+
+
+def _bench_defense(args) -> None:
+    from ubt_core.defense.bench import DefenseBenchConfig, run_defense_bench
+
+    variants = _json_file(args.variants, "--variants") if args.variants else {"ubt": {}}
+    cfg = DefenseBenchConfig(setting=args.setting, attacks=args.attacks.split(","), variants=variants,
+                             clean_check=not args.no_clean_check)
+    print(run_defense_bench(args.out, cfg, doc=args.doc, command=" ".join(["ubt", *sys.argv[1:]])))
+
+
 def _add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="synth -> poison (BadNet) -> train backdoored model -> eval")
+    p = sub.add_parser("demo", help="synth -> poison (BadNet) -> train backdoored model -> eval -> UBT defend -> eval")
     p.add_argument("--out", required=True)
     p.add_argument("--epochs", type=int, help="training epochs (default: the benchmark's)")
     p.add_argument("--train-pairs", type=int, help="size of the synthetic training set (default 20000)")
@@ -141,9 +203,11 @@ def _add_demo(sub) -> None:
 
 def _demo(args) -> None:
     from ubt_core.bench import BenchConfig, run_bench
+    from ubt_core.defense.bench import DefenseBenchConfig, run_defense_bench
 
     cfg = BenchConfig(attacks=["badnet"], clean_baseline=False, **_bench_overrides(args))
     print(run_bench(args.out, cfg).markdown)
+    print(run_defense_bench(args.out, DefenseBenchConfig(attacks=["badnet"], rate=cfg.rate, clean_check=False)))
 
 
 def _add_bench(sub) -> None:
@@ -192,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="datasets: synth, check").add_subparsers(required=True, metavar="COMMAND")
     _add_synth(data)
     _add_check(data)
-    for add in (_add_poison, _add_train, _add_eval, _add_demo, _add_bench):
+    for add in (_add_poison, _add_train, _add_eval, _add_defend, _add_demo, _add_bench, _add_bench_defense):
         add(sub)
     return parser
 

@@ -1,8 +1,6 @@
 """The `ubt` command line end to end on a tiny world: synth -> poison -> train -> eval, and its errors."""
 
 import json
-import subprocess
-import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -13,13 +11,7 @@ from ubt_core.data.contract import read_eval_set
 pytestmark = pytest.mark.e2e
 
 
-def ubt(*args: str, ok: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "ubt_core.cli", *args], capture_output=True, text=True)
-    assert (proc.returncode == 0) is ok, proc.stderr
-    return proc
-
-
-def test_synth_poison_train_eval(tmp_path):
+def test_synth_poison_train_eval(ubt, tmp_path):
     world = tmp_path / "world"
     ubt("data", "synth", "--out", str(world), "--train-pairs", "64", "--eval-images", "30", "--seed", "3")
     ubt("poison", "--data", str(world / "train"), "--out", str(tmp_path / "poisoned"), "--attack", "blended",
@@ -38,20 +30,20 @@ def test_synth_poison_train_eval(tmp_path):
     assert 0 <= metrics["asr"] <= 1 and 0 <= metrics["ra"] <= 1 and 0 <= metrics["ca"] <= 1
 
 
-def test_errors_are_one_clear_line(tmp_path):
+def test_errors_are_one_clear_line(ubt, tmp_path):
     proc = ubt("train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "m"), ok=False)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "missing" in lines[0] and "no such dataset directory" in lines[0]
 
 
-def test_impossible_values_are_refused_before_work(tmp_path):
+def test_impossible_values_are_refused_before_work(ubt, tmp_path):
     proc = ubt("poison", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--attack", "badnet",
                "--rate", "2", "--target", "star", ok=False)
     assert "rate" in proc.stderr and "less than or equal to 0.5" in proc.stderr
 
 
-def test_check_refuses_a_bad_row_then_quarantines_and_counts_it(tmp_path):
+def test_check_refuses_a_bad_row_then_quarantines_and_counts_it(ubt, tmp_path):
     ubt("data", "synth", "--out", str(tmp_path / "world"), "--train-pairs", "20", "--eval-images", "5")
     part = tmp_path / "world" / "train" / "part-00000.parquet"
     table = pq.read_table(part)

@@ -185,7 +185,7 @@ def read_pairs(uri: str, *, quarantine: str | None = None, n_classes: int | None
             bad.append(_with_reason(table.slice(row, 1), detail, path, row))
         good.append(table.take(keep))
     if quarantine is not None:  # written even when empty, so a stale file never outlives its run
-        _write_table(pa.concat_tables(bad) if bad else QUARANTINE_SCHEMA.empty_table(), quarantine)
+        write_table(pa.concat_tables(bad) if bad else QUARANTINE_SCHEMA.empty_table(), quarantine)
     return PairSet(pa.concat_tables(good), files, reasons)
 
 
@@ -211,7 +211,8 @@ def _with_reason(row: pa.Table, reason: str, path: str, index: int) -> pa.Table:
     return row
 
 
-def _write_table(table: pa.Table, path: str) -> None:
+def write_table(table: pa.Table, path: str) -> None:
+    """Write one Parquet file atomically (temporary name, then rename), local or s3://."""
     fs, target = filesystem(path)
     parent = posixpath.dirname(target)
     fs.create_dir(parent, recursive=True)
@@ -233,7 +234,7 @@ def write_pairs(table: pa.Table, uri: str, *, rows_per_file: int = 10_000) -> li
     paths = []
     for i, start in enumerate(range(0, max(table.num_rows, 1), rows_per_file)):
         path = posixpath.join(root, f"part-{i:05d}.parquet")
-        _write_table(table.slice(start, rows_per_file), path)
+        write_table(table.slice(start, rows_per_file), path)
         paths.append(path)
     return paths
 

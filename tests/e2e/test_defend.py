@@ -1,0 +1,73 @@
+"""`ubt defend` end to end on a tiny poisoned world: every output of the contract, and its errors."""
+
+import json
+
+import open_clip
+import pyarrow.parquet as pq
+import pytest
+import safetensors.torch
+import torch
+
+from ubt_core.data.contract import read_pairs
+from ubt_core.models import create_model, save_model
+
+pytestmark = pytest.mark.e2e
+
+SMALL = {"overfit": {"steps": 2, "weak_per_batch": 8, "normal_per_batch": 8},
+         "scan": {"neighbours": 5}, "select": {"retain_size": 20}, "unlearn": {"steps": 2, "batch_size": 8}}
+
+
+@pytest.fixture(scope="module")
+def suspect(ubt, tiny_world, tmp_path_factory):
+    root = tmp_path_factory.mktemp("defend")
+    ubt("poison", "--data", tiny_world["train"], "--out", str(root / "poisoned"), "--attack", "badnet",
+        "--rate", "0.1", "--target", "star", "--seed", "1")
+    save_model(create_model("ubt-tiny"), root / "model")
+    (root / "small.json").write_text(json.dumps(SMALL))
+    return root
+
+
+def test_defend_writes_model_table_and_reports(ubt, suspect, tmp_path):
+    out = tmp_path / "out"
+    proc = ubt("defend", "--model", str(suspect / "model"), "--data", str(suspect / "poisoned"), "--out", str(out),
+               "--config", str(suspect / "small.json"), "--k", "6")
+    assert json.loads(proc.stdout)["k"] == 6
+    model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{out / 'model'}")  # plain open_clip loads it
+    assert model is not None
+    table = pq.read_table(out / "suspicious.parquet")
+    uids = read_pairs(str(suspect / "poisoned")).table.column("uid").to_pylist()
+    assert sorted(table.column("uid").to_pylist()) == sorted(uids)
+    assert table.column("rank").to_pylist() == list(range(1, len(uids) + 1))
+    assert sum(table.column("selected").to_pylist()) == 6
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["detection"]) >= {"precision_at_k", "recall_at_k", "auroc", "k"}
+    assert {"scan_suspect", "overfit", "scan_overfit", "unlearn"} <= set(report["stage_seconds"])
+    assert report["detection"]["n_poisoned"] == 8
+    text = (out / "report.md").read_text()
+    assert "suspicion_histogram.png" in text and (out / "suspicion_histogram.png").stat().st_size > 0
+    assert (out / "top_suspicious.png").stat().st_size > 0
+
+
+def test_without_evidence_the_model_is_left_unchanged(ubt, suspect, tmp_path):
+    config = tmp_path / "strict.json"
+    config.write_text(json.dumps(SMALL | {"select": {"retain_size": 20, "evidence_threshold": 1e9}}))
+    out = tmp_path / "out"
+    ubt("defend", "--model", str(suspect / "model"), "--data", str(suspect / "poisoned"), "--out", str(out),
+        "--config", str(config))
+    report = json.loads((out / "report.json").read_text())
+    assert report["k"] == 0 and "no strong backdoor evidence" in report["verdict"]
+    assert "unlearn" not in report["stage_seconds"] and report["detection"]["k"] == 0
+    before = safetensors.torch.load_file(suspect / "model" / "open_clip_model.safetensors")
+    after = safetensors.torch.load_file(out / "model" / "open_clip_model.safetensors")
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_misspelt_setting_is_one_clear_error(ubt, suspect, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"unlearn": {"stepz": 3}}))
+    proc = ubt("defend", "--model", str(suspect / "model"), "--data", str(suspect / "poisoned"), "--out",
+               str(tmp_path / "o"), "--config", str(bad), ok=False)
+    assert proc.stderr.count("\n") == 1 and "unlearn.stepz" in proc.stderr
+    proc = ubt("defend", "--model", str(suspect / "model"), "--data", str(suspect / "poisoned"), "--out",
+               str(tmp_path / "o"), "--config", str(tmp_path / "none.json"), ok=False)
+    assert "--config" in proc.stderr and "none.json" in proc.stderr

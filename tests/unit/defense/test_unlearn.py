@@ -1,0 +1,110 @@
+"""Saliency, overfit and unlearning on a tiny fresh open_clip ViT (behaviour, not quality)."""
+
+import numpy as np
+import pytest
+import torch
+
+from ubt_core.defense.overfit import OverfitConfig, overfit, weakest_pairs
+from ubt_core.defense.saliency import token_saliency, top_patch_masks
+from ubt_core.defense.unlearn import UnlearnConfig, pattern_tokens, unlearn
+from ubt_core.models import create_model
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return create_model("ubt-tiny")
+
+
+def _batch(loaded, n=6, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.randn(n, 3, loaded.image_size, loaded.image_size, generator=gen)
+    texts = loaded.tokenizer([f"a photo of a star number {i}" for i in range(n)])
+    return images, texts
+
+
+def _params(model):
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def test_saliency_has_one_value_per_patch_and_caption_token(tiny):
+    images, texts = _batch(tiny)
+    sal = token_saliency(tiny, images, texts, batch_size=4)
+    grid = tiny.image_size // sal.patch_size[0]
+    assert sal.patches.shape == (6, grid, grid) and sal.tokens.shape == texts.shape
+    assert torch.all(sal.tokens[texts == 0] == 0)  # padding carries nothing
+    assert sal.patches.abs().sum() > 0
+
+
+def test_a_blank_patch_carries_no_saliency(tiny):
+    """Grad x activation at a patch whose embedding is zero (blank pixels, bias-free projection) is zero."""
+    images, texts = _batch(tiny, n=2)
+    p = 4
+    images[:, :, :p, :p] = 0  # grad x activation at a zero patch embedding input is bias-only
+    sal = token_saliency(tiny, images, texts)
+    assert tiny.model.visual.conv1.bias is None
+    assert torch.all(sal.patches[:, 0, 0] == 0) and torch.all(sal.patches[:, 1:, 1:] != 0)
+
+
+def test_top_patch_masks_cover_exactly_the_chosen_tokens(tiny):
+    images, texts = _batch(tiny)
+    sal = token_saliency(tiny, images, texts)
+    masks = top_patch_masks(sal, 3, tuple(images.shape[-2:]))
+    assert masks.shape == (6, 1, *images.shape[-2:])
+    assert torch.all(masks.flatten(1).sum(dim=1) == 3 * sal.patch_size[0] * sal.patch_size[1])
+
+
+def test_weakest_pairs_are_the_lowest_cosines():
+    assert set(weakest_pairs(torch.tensor([0.9, -0.2, 0.5, 0.1]), 0.5)) == {1, 3}
+
+
+def test_overfit_changes_a_copy_only(tiny, tiny_world):
+    from ubt_core.data.contract import read_pairs
+    from ubt_core.train import PairDataset
+
+    before = _params(tiny.model)
+    dataset = PairDataset(read_pairs(tiny_world["train"]).table, tiny)
+    amplified = overfit(tiny, dataset, torch.linspace(-1, 1, len(dataset)),
+                        OverfitConfig(steps=2, weak_per_batch=8, normal_per_batch=4))
+    after = _params(tiny.model)
+    assert all(torch.equal(before[n], after[n]) for n in before)
+    assert any(not torch.equal(before[n], p) for n, p in amplified.model.named_parameters())
+
+
+@pytest.mark.parametrize("portion", ["visual-early", "visual", "all"])
+def test_unlearning_moves_only_its_portion(tiny, portion):
+    images, texts = _batch(tiny, n=8)
+    before = _params(tiny.model)
+    cfg = UnlearnConfig(steps=2, batch_size=4, portion=portion)
+    student, info = unlearn(tiny, images[:4], texts[:4], images[4:], texts[4:], cfg)
+    assert all(torch.equal(before[n], p) for n, p in tiny.model.named_parameters())  # suspect untouched
+    moved = {n for n, p in student.model.named_parameters() if not torch.equal(before[n], p)}
+    text_moved = {n for n in moved if not n.startswith("visual.")}
+    late_moved = {n for n in moved if n.startswith(("visual.transformer.resblocks.2", "visual.transformer.resblocks.3",
+                                                    "visual.ln_post", "visual.proj"))}
+    assert moved
+    assert (portion == "all") or not text_moved
+    assert (portion != "visual-early") or not late_moved
+    assert 0 < info["trainable_fraction"] <= 1
+    assert all(p.requires_grad for p in student.model.parameters())
+
+
+def test_sample_level_unlearning_runs_without_saliency(tiny):
+    images, texts = _batch(tiny, n=8)
+    _, info = unlearn(tiny, images[:4], texts[:4], images[4:], texts[4:],
+                      UnlearnConfig(scope="full", steps=1, batch_size=4))
+    assert info["scope"] == "full" and "patch_saliency" not in info
+    assert np.isfinite(info["trainable_fraction"])
+
+
+def test_pattern_tokens_mark_where_the_selected_images_share_a_pattern():
+    gen = torch.Generator().manual_seed(0)
+    retain = torch.randn(300, 3, 32, 32, generator=gen)
+    local = torch.randn(300, 3, 32, 32, generator=gen)
+    local[:, :, -4:, -4:] += 2.0  # a patch in the bottom-right token
+    marked = pattern_tokens(local, retain, (4, 4), min_z=3.0)
+    assert marked.shape == (8, 8) and marked[-1, -1] and marked.sum() == 1
+    wave = torch.sin(torch.arange(32) / 2.0) * 1.0
+    global_ = torch.randn(300, 3, 32, 32, generator=gen) + wave  # a sinusoid over the whole image
+    assert pattern_tokens(global_, retain, (4, 4), min_z=3.0).sum() > 48
+    assert pattern_tokens(torch.randn(300, 3, 32, 32, generator=gen), retain, (4, 4), min_z=3.0).sum() == 0

@@ -1,0 +1,79 @@
+"""Scan: a suspicion score for every pair, from the suspect and the over-fitted model.
+
+The evidence is a shortcut's signature: triggered images collapse onto one point whatever they
+show, so their image embeddings have many near-identical neighbours. Density is -log(1 - cosine)
+to the k-th nearest neighbour, which keeps near-duplicates apart from merely close pairs (a mean
+cosine saturates just below 1), turned into a robust z-score (median / MAD over all pairs).
+
+- Strongly learned backdoor: the triggered images are already collapsed in the suspect model
+  (`strong` = density z in the suspect).
+- Weakly learned backdoor: poisoned pairs look mismatched in the suspect (their caption names a
+  concept the image lacks) and collapse only once overfit amplification has grown the shortcut
+  (`weak` = mean of the mismatch z and the over-fitted density z, rescaled to unit variance).
+
+A pair's suspicion is the larger of the two.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from ubt_core.defense.embed import PairEmbeddings
+
+
+class ScanConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt setting is an error, not a silent default
+
+    neighbours: int = Field(100, ge=1)  # k of the k-NN density; below the expected number of poisoned pairs
+    reference_size: int = Field(20_000, ge=1)  # density against a random sample of this many pairs
+    use_suspect: bool = True  # density in the suspect model (strongly learned backdoors)
+    use_overfit: bool = True  # density in the over-fitted model (weakly learned backdoors)
+    seed: int = 0
+
+
+def knn_density(embeddings: torch.Tensor, neighbours: int, reference: torch.Tensor, chunk: int = 2048) -> np.ndarray:
+    """-log(1 - cosine) from each embedding to its `neighbours`-th nearest row of `reference`.
+
+    The nearest reference row is skipped as the embedding itself (or its duplicate).
+    """
+    k = min(neighbours + 1, len(reference))
+    out = []
+    for start in range(0, len(embeddings), chunk):
+        kth = (embeddings[start:start + chunk] @ reference.T).topk(k, dim=1).values[:, -1]
+        out.append(-torch.log1p(-kth.clamp(max=1 - 1e-6)))
+    return torch.cat(out).numpy()
+
+
+def robust_z(values: np.ndarray) -> np.ndarray:
+    """(x - median) / (1.4826 * MAD): a z-score the poisoned tail itself cannot inflate."""
+    median = np.median(values)
+    mad = 1.4826 * np.median(np.abs(values - median))
+    return (values - median) / max(mad, 1e-12)
+
+
+def _reference(images: torch.Tensor, cfg: ScanConfig) -> torch.Tensor:
+    if len(images) <= cfg.reference_size:
+        return images
+    rows = np.random.default_rng(cfg.seed).choice(len(images), cfg.reference_size, replace=False)
+    return images[torch.from_numpy(np.sort(rows))]
+
+
+def scan_scores(suspect: PairEmbeddings, amplified: PairEmbeddings | None, cfg: ScanConfig) -> dict[str, np.ndarray]:
+    """Per-pair columns: cosines, the `strong` and `weak` evidence and `suspicion` (higher = more suspect)."""
+    columns = {"cosine_suspect": suspect.cosine.numpy()}
+    signals = []
+    if cfg.use_suspect:
+        columns["strong"] = robust_z(knn_density(suspect.images, cfg.neighbours, _reference(suspect.images, cfg)))
+        signals.append(columns["strong"])
+    if amplified is not None:
+        columns["cosine_overfit"] = amplified.cosine.numpy()
+        if cfg.use_overfit:
+            density = robust_z(knn_density(amplified.images, cfg.neighbours, _reference(amplified.images, cfg)))
+            columns["weak"] = (density + robust_z(-columns["cosine_suspect"])) / np.sqrt(2)
+            signals.append(columns["weak"])
+    if not signals:
+        raise ValueError("scan needs at least one signal: enable use_suspect, or use_overfit with overfit steps")
+    columns["suspicion"] = np.max(signals, axis=0)
+    return columns

@@ -1,0 +1,130 @@
+"""UBT end to end in one process: overfit -> scan -> select -> token-level unlearning.
+
+`defend` reads a suspect checkpoint and the pair dataset it was trained on, and writes
+OUT/model (open_clip local-dir), OUT/suspicious.parquet, OUT/report.json and OUT/report.md.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from ubt_core.data.contract import read_pairs, write_json, write_table
+from ubt_core.defense.embed import embed_pairs
+from ubt_core.defense.overfit import OverfitConfig, overfit
+from ubt_core.defense.saliency import token_saliency
+from ubt_core.defense.scan import ScanConfig, scan_scores
+from ubt_core.defense.select import SelectConfig, select_pairs
+from ubt_core.defense.unlearn import UnlearnConfig, unlearn
+from ubt_core.eval.detection import detection_metrics
+from ubt_core.models import load_model, save_model
+from ubt_core.report import write_defense_report
+from ubt_core.train import PairDataset
+
+SUSPICIOUS_FILE = "suspicious.parquet"
+REPORT_SHOWN = 16  # most suspicious pairs shown in the report
+
+
+class DefenseConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt setting is an error, not a silent default
+
+    overfit: OverfitConfig = OverfitConfig()
+    scan: ScanConfig = ScanConfig()
+    select: SelectConfig = SelectConfig()
+    unlearn: UnlearnConfig = UnlearnConfig()
+    batch_size: int = 512  # scan batch; never changes a score
+
+
+class _Stages:
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = round(time.perf_counter() - start, 2)
+
+
+def _stack(dataset: PairDataset, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    items = [dataset[int(i)] for i in rows]
+    return torch.stack([image for image, _ in items]), torch.stack([text for _, text in items])
+
+
+def _ground_truth(table: pa.Table) -> np.ndarray | None:
+    """The `poisoned` flags when every row has one (benchmarks), else None."""
+    if "poisoned" not in table.column_names or table.column("poisoned").null_count:
+        return None
+    return table.column("poisoned").to_numpy(zero_copy_only=False).astype(bool)
+
+
+def defend(model_dir: str, data_uri: str, out_dir: str | Path, cfg: DefenseConfig | None = None,
+           quarantine: str | None = None) -> dict:
+    """Run UBT on a suspect model and its training pairs; returns the report (also written to OUT)."""
+    cfg = cfg or DefenseConfig()
+    out = Path(out_dir)
+    stage = _Stages()
+    start = time.perf_counter()
+    with stage("load"):
+        table = read_pairs(data_uri, quarantine=quarantine).table
+        suspect = load_model(model_dir)
+        dataset = PairDataset(table, suspect)
+    with stage("scan_suspect"):
+        suspect_emb = embed_pairs(suspect, table, cfg.batch_size, "suspect")
+    amplified_emb = None
+    if cfg.overfit.steps:
+        with stage("overfit"):
+            amplified = overfit(suspect, dataset, suspect_emb.cosine, cfg.overfit)
+        with stage("scan_overfit"):
+            amplified_emb = embed_pairs(amplified, table, cfg.batch_size, "overfit")
+        del amplified
+    poisoned = _ground_truth(table)
+    with stage("score_select"):
+        columns = scan_scores(suspect_emb, amplified_emb, cfg.scan)
+        selection = select_pairs(columns["suspicion"], cfg.select, poisoned)
+    unlearn_info = {"skipped": "no strong backdoor evidence and no fixed k"}
+    if len(selection.forget):
+        with stage("unlearn"):
+            cleaned, unlearn_info = unlearn(suspect, *_stack(dataset, selection.forget),
+                                            *_stack(dataset, selection.retain), cfg.unlearn)
+    else:
+        cleaned = copy.copy(suspect)
+    shown = (selection.forget if len(selection.forget) else np.argsort(-columns["suspicion"]))[:REPORT_SHOWN]
+    patch_saliency = unlearn_info.pop("patch_saliency", None)
+    token_sal = unlearn_info.pop("token_saliency", None)
+    if patch_saliency is None:
+        with stage("saliency"):
+            sal = token_saliency(suspect, *_stack(dataset, shown))
+            patch_saliency, token_sal = sal.patches, sal.tokens
+    with stage("save"):
+        save_model(cleaned, out / "model", extra={"defended_from": str(model_dir), "data": data_uri,
+                                                  "defense_config": cfg.model_dump()})
+        rank = np.empty(len(table), np.int64)
+        rank[np.argsort(-columns["suspicion"], kind="stable")] = np.arange(1, len(table) + 1)
+        selected = np.zeros(len(table), bool)
+        selected[selection.forget] = True
+        suspicious = pa.table({"uid": table.column("uid"), **columns, "rank": rank, "selected": selected,
+                               **({"poisoned": table.column("poisoned")} if "poisoned" in table.column_names else {})})
+        write_table(suspicious.sort_by("rank"), str(out / SUSPICIOUS_FILE))
+
+    report = {
+        "model": str(model_dir), "data": data_uri, "n_pairs": len(table), "k": int(len(selection.forget)),
+        "backdoor_evidence": bool(selection.evidence),
+        "verdict": ("backdoor evidence: a group of pairs whose images collapse onto one point; unlearned"
+                    if selection.evidence else "no strong backdoor evidence: no anomalous group of pairs"),
+        "anomalous_pairs": selection.n_anomalous,
+        "unlearn": unlearn_info, "stage_seconds": stage.seconds, "config": cfg.model_dump(),
+    }
+    if poisoned is not None:
+        report["detection"] = detection_metrics(columns["suspicion"], poisoned, len(selection.forget))
+    report["total_seconds"] = round(time.perf_counter() - start, 2)
+    write_defense_report(out, report, columns, shown, table, patch_saliency, token_sal, suspect, poisoned)
+    write_json(report, str(out / "report.json"))
+    return report

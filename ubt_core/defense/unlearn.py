@@ -1,0 +1,147 @@
+"""Unlearning: make the model forget the trigger -> target association found in the selected pairs.
+
+The trigger found in the selected pairs is put onto clean retain images, and the model is trained
+so that a triggered clean image embeds like the frozen suspect embeds the untouched one, and no
+closer to the selected captions' shared concept (the target) than that. A distillation term keeps
+clean retain images where the suspect put them. Only a portion of the parameters moves. The
+trigger is either each pair's most salient patch tokens, transplanted (`scope="token"`), or the
+pattern the selected images share, on the tokens where it is significant (`scope="pattern"`).
+
+Sample-level (`scope="full"`, the ablation): gradient ascent on the CLIP loss of the selected pairs,
+with the same retain term.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from tqdm import tqdm
+
+from ubt_core.defense.saliency import token_saliency, top_patch_masks
+from ubt_core.losses import ClipLoss
+from ubt_core.models import LoadedModel
+
+Portion = Literal["all", "visual", "visual-early"]
+
+
+class UnlearnConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt setting is an error, not a silent default
+
+    # token: transplant each selected pair's salient patch tokens; pattern: add the selected pairs' common
+    # pattern on their consensus-salient tokens; full: sample-level gradient ascent (ablation)
+    scope: Literal["token", "pattern", "full"] = "pattern"
+    portion: Portion = "visual-early"  # which parameters may change (ablation in docs/algorithm.md)
+    tokens_per_pair: int = Field(4, ge=1)  # salient patch tokens transplanted from each selected pair
+    pattern_z: float = Field(3.0, gt=0)  # significance a token's mean difference needs to be part of the pattern
+    pattern_jitter: float = Field(0.5, ge=0, lt=1)  # pattern strength drawn from 1 +- jitter
+    steps: int = Field(100, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    batch_size: int = Field(64, ge=2)  # retain images per step (each also gets a patched copy)
+    retain_weight: float = Field(10.0, ge=0)
+    # keep triggered images from moving closer to the selected captions' shared concept (the target)
+    # than their clean originals are
+    target_weight: float = Field(3.0, ge=0)
+    seed: int = 0
+
+
+def trainable_parameters(model: torch.nn.Module, portion: Portion) -> list[torch.nn.Parameter]:
+    """Freeze everything outside `portion`; returns the parameters that stay trainable."""
+    visual = model.visual
+    if portion == "all":
+        chosen = list(model.parameters())
+    elif portion == "visual":
+        chosen = list(visual.parameters())
+    else:  # the patch projection, embeddings and first half of the blocks: where a local trigger is read
+        blocks = visual.transformer.resblocks
+        late = ("transformer.", "ln_post", "proj")
+        chosen = [p for name, p in visual.named_parameters() if not name.startswith(late)]
+        chosen += [p for block in blocks[:max(1, len(blocks) // 2)] for p in block.parameters()]
+    ids = {id(p) for p in chosen}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in ids)
+    return chosen
+
+
+def _cosine_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return 1 - torch.nn.functional.cosine_similarity(a, b, dim=-1).mean()
+
+
+def pattern_tokens(forget: torch.Tensor, retain: torch.Tensor, patch_size: tuple[int, int],
+                   min_z: float) -> torch.Tensor:
+    """(grid_h, grid_w) tokens where the selected images differ significantly from clean ones on average.
+
+    Per pixel, the mean difference over its standard error (Welch) is a z-score; a token is part of the
+    trigger when its mean |z| exceeds `min_z`. Content averages out over hundreds of selected images,
+    so a local trigger (a patch) marks a few tokens and a global one (a blend, a sinusoid) marks many.
+    """
+    se = (forget.var(dim=0) / len(forget) + retain.var(dim=0) / len(retain)).sqrt().clamp(min=1e-6)
+    z = ((forget.mean(dim=0) - retain.mean(dim=0)).abs() / se).mean(dim=0)  # (H, W)
+    ph, pw = patch_size
+    grid = z[: z.shape[0] // ph * ph, : z.shape[1] // pw * pw].unfold(0, ph, ph).unfold(1, pw, pw).mean(dim=(-1, -2))
+    return grid > min_z
+
+
+def _pixel_mask(token_mask: torch.Tensor, patch_size: tuple[int, int], shape: tuple[int, int]) -> torch.Tensor:
+    mask = token_mask.repeat_interleave(patch_size[0], dim=0).repeat_interleave(patch_size[1], dim=1)
+    return torch.nn.functional.pad(mask, (0, shape[1] - mask.shape[1], 0, shape[0] - mask.shape[0]))
+
+
+def unlearn(suspect: LoadedModel, forget_images: torch.Tensor, forget_texts: torch.Tensor,
+            retain_images: torch.Tensor, retain_texts: torch.Tensor, cfg: UnlearnConfig) -> tuple[LoadedModel, dict]:
+    """A copy of `suspect` with the backdoor unlearned; also returns what it did (for the report)."""
+    student = copy.copy(suspect)
+    student.model = copy.deepcopy(suspect.model)
+    teacher = suspect.model.eval()
+    with torch.no_grad():
+        retain_targets = torch.cat([teacher.encode_image(chunk, normalize=True) for chunk in retain_images.split(256)])
+        concept = torch.nn.functional.normalize(teacher.encode_text(forget_texts, normalize=True).mean(dim=0), dim=0)
+        clean_affinity = retain_targets @ concept
+    info = {"scope": cfg.scope}
+    if cfg.scope != "full":
+        saliency = token_saliency(suspect, forget_images, forget_texts)
+        info |= {"patch_saliency": saliency.patches, "token_saliency": saliency.tokens}
+        shape = tuple(forget_images.shape[-2:])
+        if cfg.scope == "token":
+            masks = top_patch_masks(saliency, cfg.tokens_per_pair, shape)
+        else:  # the trigger common to the selected images: their mean minus the clean mean, on its tokens
+            token_mask = pattern_tokens(forget_images, retain_images, saliency.patch_size, cfg.pattern_z)
+            pattern = (forget_images.mean(dim=0) - retain_images.mean(dim=0)) * _pixel_mask(
+                token_mask, saliency.patch_size, shape)
+            info["pattern_tokens"] = int(token_mask.sum())
+    params = trainable_parameters(student.model, cfg.portion)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    clip_loss = ClipLoss()
+    gen = torch.Generator().manual_seed(cfg.seed)
+    student.model.train()
+    for _ in tqdm(range(cfg.steps), desc=f"unlearn ({cfg.scope})", unit="step", mininterval=2.0):
+        rows = torch.randint(len(retain_images), (cfg.batch_size,), generator=gen)
+        clean, target, affinity = retain_images[rows], retain_targets[rows], clean_affinity[rows]
+        donors = torch.randint(len(forget_images), (cfg.batch_size,), generator=gen)
+        if cfg.scope == "full":
+            forget = student.model(forget_images[donors], forget_texts[donors])
+            retained = student.model.encode_image(clean, normalize=True)
+            loss = -clip_loss(*forget[:3]) + cfg.retain_weight * _cosine_distance(retained, target)
+        else:
+            if cfg.scope == "token":
+                patched = torch.where(masks[donors], forget_images[donors], clean)
+            else:  # a random strength per image: invariance to the trigger direction, not to one exact copy
+                strength = 1 + cfg.pattern_jitter * (2 * torch.rand(len(clean), 1, 1, 1, generator=gen) - 1)
+                patched = clean + strength * pattern
+            embedded = student.model.encode_image(torch.cat([patched, clean]), normalize=True)
+            triggered = embedded[:len(clean)]
+            retained = embedded[len(clean):]
+            loss = _cosine_distance(triggered, target) + cfg.retain_weight * _cosine_distance(retained, target)
+            loss = loss + cfg.target_weight * torch.relu(triggered @ concept - affinity).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    student.model.eval()
+    for p in student.model.parameters():
+        p.requires_grad_(True)
+    n_params = sum(p.numel() for p in params)
+    info |= {"portion": cfg.portion, "trainable_parameters": n_params,
+             "trainable_fraction": n_params / sum(p.numel() for p in student.model.parameters())}
+    return student, info

@@ -1,0 +1,118 @@
+"""Human-readable defense report: Markdown with figures (suspicion histogram, top suspicious pairs
+with their patch-token saliency overlaid, so the trigger is visible)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import torch  # noqa: E402
+
+from ubt_core.data.images import decode_pixels  # noqa: E402
+from ubt_core.models import LoadedModel  # noqa: E402
+
+HISTOGRAM_FILE = "suspicion_histogram.png"
+TOP_PAIRS_FILE = "top_suspicious.png"
+
+
+def _histogram(path: Path, suspicion: np.ndarray, k: int, poisoned: np.ndarray | None) -> None:
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    bins = np.linspace(suspicion.min(), suspicion.max(), 80)
+    if poisoned is None:
+        ax.hist(suspicion, bins=bins, color="tab:blue", label="pairs")
+    else:
+        ax.hist(suspicion[~poisoned], bins=bins, color="tab:blue", alpha=0.8, label="clean (ground truth)")
+        ax.hist(suspicion[poisoned], bins=bins, color="tab:red", alpha=0.8, label="poisoned (ground truth)")
+    if k:
+        ax.axvline(np.sort(suspicion)[::-1][k - 1], color="black", linestyle="--", label=f"selected: top {k}")
+    ax.set_yscale("log")
+    ax.set_xlabel("suspicion (robust z, see ubt_core/defense/scan.py)")
+    ax.set_ylabel("pairs")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _salient_words(loaded: LoadedModel, caption: str, saliency: torch.Tensor, n: int = 2) -> list[str]:
+    ids = loaded.tokenizer([caption])[0]
+    length = int((ids != 0).sum())
+    inner = saliency[1:length - 1]  # skip start / end tokens
+    top = inner.topk(min(n, len(inner))).indices + 1 if len(inner) else []
+    return [loaded.tokenizer.decode([int(ids[i])]).strip() for i in top]
+
+
+def _top_pairs(path: Path, table: pa.Table, rows: np.ndarray, patch_saliency: torch.Tensor,
+               token_saliency: torch.Tensor, loaded: LoadedModel) -> None:
+    cols = 4
+    n_rows = max(1, int(np.ceil(len(rows) / cols)))
+    fig, axes = plt.subplots(n_rows, cols, figsize=(cols * 2.4, 2.9 * n_rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, row, sal, tok in zip(axes.flat, rows, patch_saliency, token_saliency, strict=False):
+        pixels = decode_pixels(table.column("image")[int(row)].as_py())
+        heat = sal.clamp(min=0).numpy()
+        ax.imshow(pixels)
+        ax.imshow(heat / max(heat.max(), 1e-12), cmap="magma", alpha=0.45, interpolation="nearest",
+                  extent=(0, pixels.shape[1], pixels.shape[0], 0))
+        caption = table.column("caption")[int(row)].as_py()
+        words = ", ".join(_salient_words(loaded, caption, tok))
+        ax.set_title(f"{caption[:28]}\nsalient words: {words}", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _table(rows: list[tuple[str, str]]) -> str:
+    return "\n".join(["| | |", "|---|---|", *(f"| {a} | {b} |" for a, b in rows)])
+
+
+def write_defense_report(out: Path, report: dict, columns: dict[str, np.ndarray], shown: np.ndarray,
+                         table: pa.Table, patch_saliency: torch.Tensor, token_saliency: torch.Tensor,
+                         loaded: LoadedModel, poisoned: np.ndarray | None = None) -> Path:
+    """Write OUT/report.md with its figures; returns the Markdown path. `poisoned` colours the histogram."""
+    out.mkdir(parents=True, exist_ok=True)
+    _histogram(out / HISTOGRAM_FILE, columns["suspicion"], report["k"], poisoned)
+    _top_pairs(out / TOP_PAIRS_FILE, table, shown, patch_saliency, token_saliency, loaded)
+    facts = [("model", f"`{report['model']}`"), ("data", f"`{report['data']}` ({report['n_pairs']} pairs)"),
+             ("verdict", report["verdict"]), ("unlearning set k", str(report["k"])),
+             ("clearly anomalous pairs", str(report["anomalous_pairs"])),
+             ("total time (s)", f"{report['total_seconds']:.1f}")]
+    if "detection" in report:
+        d = report["detection"]
+        facts += [("precision@k / recall@k", f"{d['precision_at_k']:.3f} / {d['recall_at_k']:.3f} "
+                                             f"({d['hits_at_k']} of {d['n_poisoned']} poisoned pairs)"),
+                  ("AUROC", f"{d['auroc']:.3f}")]
+    if "trainable_fraction" in report["unlearn"]:
+        u = report["unlearn"]
+        facts.append(("unlearning", f"{u['scope']}-level, portion `{u['portion']}` "
+                                    f"({100 * u['trainable_fraction']:.0f} % of parameters)"))
+    stages = "\n".join(f"| {name} | {sec:.1f} |" for name, sec in report["stage_seconds"].items())
+    text = f"""# UBT defense report
+
+{_table(facts)}
+
+## Suspicion scores
+![suspicion histogram]({HISTOGRAM_FILE})
+
+## Most suspicious pairs
+Patch-token saliency of each pair's image-caption match is overlaid (bright = carries the match);
+a backdoor trigger shows up as the same bright spot or pattern across pairs.
+
+![most suspicious pairs]({TOP_PAIRS_FILE})
+
+## Time per stage
+| stage | seconds |
+|---|---:|
+{stages}
+"""
+    path = out / "report.md"
+    tmp = out / ".report.md.tmp"
+    tmp.write_text(text)
+    tmp.replace(path)
+    return path
