@@ -207,7 +207,8 @@ def _demo(args) -> None:
 
     cfg = BenchConfig(attacks=["badnet"], clean_baseline=False, **_bench_overrides(args))
     print(run_bench(args.out, cfg).markdown)
-    print(run_defense_bench(args.out, DefenseBenchConfig(attacks=["badnet"], rate=cfg.rate, clean_check=False)))
+    print(run_defense_bench(args.out, DefenseBenchConfig(attacks=["badnet"], rate=cfg.rate, clean_check=False),
+                            command=" ".join(["ubt", *sys.argv[1:]])))
 
 
 def _add_bench(sub) -> None:

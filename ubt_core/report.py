@@ -18,6 +18,8 @@ from ubt_core.models import LoadedModel  # noqa: E402
 
 HISTOGRAM_FILE = "suspicion_histogram.png"
 TOP_PAIRS_FILE = "top_suspicious.png"
+TRIGGER_FILE = "estimated_trigger.png"
+OUTLINED_TOKENS = 4  # most salient patch tokens outlined on each shown image
 
 
 def _histogram(path: Path, suspicion: np.ndarray, k: int, poisoned: np.ndarray | None) -> None:
@@ -58,11 +60,27 @@ def _top_pairs(path: Path, table: pa.Table, rows: np.ndarray, patch_saliency: to
         pixels = decode_pixels(table.column("image")[int(row)].as_py())
         heat = sal.clamp(min=0).numpy()
         ax.imshow(pixels)
-        ax.imshow(heat / max(heat.max(), 1e-12), cmap="magma", alpha=0.45, interpolation="nearest",
+        ax.imshow(heat / max(heat.max(), 1e-12), cmap="magma", alpha=0.3, interpolation="nearest",
                   extent=(0, pixels.shape[1], pixels.shape[0], 0))
+        cell_h, cell_w = pixels.shape[0] / heat.shape[0], pixels.shape[1] / heat.shape[1]
+        for index in np.argsort(-heat, axis=None)[:OUTLINED_TOKENS]:
+            r, c = np.unravel_index(index, heat.shape)
+            ax.add_patch(plt.Rectangle((c * cell_w - 0.5, r * cell_h - 0.5), cell_w, cell_h, fill=False,
+                                       edgecolor="cyan", linewidth=1.2))
         caption = table.column("caption")[int(row)].as_py()
         words = ", ".join(_salient_words(loaded, caption, tok))
         ax.set_title(f"{caption[:28]}\nsalient words: {words}", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _trigger(path: Path, pattern: torch.Tensor) -> None:
+    fig, ax = plt.subplots(figsize=(3.2, 3.2))
+    shown = ax.imshow(pattern.abs().mean(dim=0).numpy(), cmap="magma", interpolation="nearest")
+    fig.colorbar(shown, ax=ax, fraction=0.046, label="|mean difference| (normalised pixels)")
+    ax.set_title("selected minus clean images,\non the trigger's tokens", fontsize=8)
+    ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -74,8 +92,12 @@ def _table(rows: list[tuple[str, str]]) -> str:
 
 def write_defense_report(out: Path, report: dict, columns: dict[str, np.ndarray], shown: np.ndarray,
                          table: pa.Table, patch_saliency: torch.Tensor, token_saliency: torch.Tensor,
-                         loaded: LoadedModel, poisoned: np.ndarray | None = None) -> Path:
-    """Write OUT/report.md with its figures; returns the Markdown path. `poisoned` colours the histogram."""
+                         loaded: LoadedModel, poisoned: np.ndarray | None = None,
+                         pattern: torch.Tensor | None = None) -> Path:
+    """Write OUT/report.md with its figures; returns the Markdown path.
+
+    `poisoned` (ground truth) colours the histogram; `pattern` is the unlearning stage's trigger estimate.
+    """
     out.mkdir(parents=True, exist_ok=True)
     _histogram(out / HISTOGRAM_FILE, columns["suspicion"], report["k"], poisoned)
     _top_pairs(out / TOP_PAIRS_FILE, table, shown, patch_saliency, token_saliency, loaded)
@@ -92,6 +114,16 @@ def write_defense_report(out: Path, report: dict, columns: dict[str, np.ndarray]
         u = report["unlearn"]
         facts.append(("unlearning", f"{u['scope']}-level, portion `{u['portion']}` "
                                     f"({100 * u['trainable_fraction']:.0f} % of parameters)"))
+    trigger = ""
+    if pattern is not None:
+        _trigger(out / TRIGGER_FILE, pattern)
+        trigger = f"""
+## Estimated trigger
+The mean of the selected images minus the mean of clean ones, kept on the patch tokens where the
+difference is significant: what the unlearning stage taught the model to ignore.
+
+![estimated trigger]({TRIGGER_FILE})
+"""
     stages = "\n".join(f"| {name} | {sec:.1f} |" for name, sec in report["stage_seconds"].items())
     text = f"""# UBT defense report
 
@@ -101,11 +133,11 @@ def write_defense_report(out: Path, report: dict, columns: dict[str, np.ndarray]
 ![suspicion histogram]({HISTOGRAM_FILE})
 
 ## Most suspicious pairs
-Patch-token saliency of each pair's image-caption match is overlaid (bright = carries the match);
-a backdoor trigger shows up as the same bright spot or pattern across pairs.
+Patch-token saliency of each pair's image-caption match is overlaid (bright = carries the match) and
+its {OUTLINED_TOKENS} most salient tokens are outlined; a trigger shows up in the same place across pairs.
 
 ![most suspicious pairs]({TOP_PAIRS_FILE})
-
+{trigger}
 ## Time per stage
 | stage | seconds |
 |---|---:|

@@ -46,6 +46,7 @@ def test_defend_writes_model_table_and_reports(ubt, suspect, tmp_path):
     text = (out / "report.md").read_text()
     assert "suspicion_histogram.png" in text and (out / "suspicion_histogram.png").stat().st_size > 0
     assert (out / "top_suspicious.png").stat().st_size > 0
+    assert "estimated_trigger.png" in text and (out / "estimated_trigger.png").stat().st_size > 0
 
 
 def test_without_evidence_the_model_is_left_unchanged(ubt, suspect, tmp_path):
@@ -71,3 +72,19 @@ def test_misspelt_setting_is_one_clear_error(ubt, suspect, tmp_path):
     proc = ubt("defend", "--model", str(suspect / "model"), "--data", str(suspect / "poisoned"), "--out",
                str(tmp_path / "o"), "--config", str(tmp_path / "none.json"), ok=False)
     assert "--config" in proc.stderr and "none.json" in proc.stderr
+
+
+def test_a_reused_scan_gives_the_same_scores_and_keeps_its_recorded_time(suspect, tmp_path):
+    from ubt_core.defense.bench import variant_config
+    from ubt_core.defense.ubt import defend
+
+    args = (str(suspect / "model"), str(suspect / "poisoned"))
+    first = defend(*args, tmp_path / "a", variant_config(SMALL | {"select": {"k": 4, "retain_size": 20}}),
+                   scan_cache=tmp_path / "cache")
+    second = defend(*args, tmp_path / "b", variant_config(SMALL | {"select": {"k": 6, "retain_size": 20}}),
+                    scan_cache=tmp_path / "cache")
+    assert len(list((tmp_path / "cache").glob("scan-*.npz"))) == 1
+    assert first["stage_seconds"]["overfit"] == second["stage_seconds"]["overfit"]
+    a = pq.read_table(tmp_path / "a" / "suspicious.parquet").sort_by("uid")
+    b = pq.read_table(tmp_path / "b" / "suspicious.parquet").sort_by("uid")
+    assert a.column("suspicion").equals(b.column("suspicion")) and second["k"] == 6

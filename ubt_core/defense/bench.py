@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 import time
@@ -51,7 +52,7 @@ def _defended(work: Path, name: str, cfg: DefenseConfig, model_dir: Path, data: 
     digest = hashlib.sha256(json.dumps(cfg.model_dump(), sort_keys=True).encode()).hexdigest()[:8]
     out = work / "defense" / f"{name}-{digest}" / model_dir.name
     if not (out / "report.json").is_file():
-        defend(str(model_dir), str(data), out, cfg)
+        defend(str(model_dir), str(data), out, cfg, scan_cache=work / "defense" / "scan-cache")
     return out, json.loads((out / "report.json").read_text())
 
 
@@ -92,6 +93,10 @@ def run_defense_bench(work_dir: str, cfg: DefenseBenchConfig, doc: str | None = 
     return markdown
 
 
+def _num(value: float | None) -> str:
+    return "–" if value is None or math.isnan(value) else f"{value:.3f}"
+
+
 def _markdown(rows: list[dict], clean: dict | None, cfg: DefenseBenchConfig, command: str | None) -> str:
     lines = [
         f"### Setting: {cfg.setting} (rate {cfg.rate}; variants: {', '.join(cfg.variants)})", "",
@@ -108,8 +113,7 @@ def _markdown(rows: list[dict], clean: dict | None, cfg: DefenseBenchConfig, com
         lines.append(
             f"| {r['attack']} | {r['variant']} | {b['ca']:.3f} → {a['ca']:.3f} ({100 * (a['ca'] - b['ca']):+.1f}) "
             f"| {b['asr']:.3f} → {a['asr']:.3f} | {a['ra']:.3f} | {rep['k']} ({d.get('n_poisoned', '–')}) "
-            f"| {d.get('precision_at_k', float('nan')):.3f} | {d.get('recall_at_k', float('nan')):.3f} "
-            f"| {d.get('auroc', float('nan')):.3f} "
+            f"| {_num(d.get('precision_at_k'))} | {_num(d.get('recall_at_k'))} | {_num(d.get('auroc'))} "
             f"| {rep['total_seconds']:.0f} ({100 * rep['total_seconds'] / r['train_seconds']:.0f} %) |")
     if clean:
         b, a, rep = clean["before"], clean["after"], clean["report"]

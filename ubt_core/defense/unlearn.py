@@ -110,7 +110,7 @@ def unlearn(suspect: LoadedModel, forget_images: torch.Tensor, forget_texts: tor
             token_mask = pattern_tokens(forget_images, retain_images, saliency.patch_size, cfg.pattern_z)
             pattern = (forget_images.mean(dim=0) - retain_images.mean(dim=0)) * _pixel_mask(
                 token_mask, saliency.patch_size, shape)
-            info["pattern_tokens"] = int(token_mask.sum())
+            info |= {"pattern_tokens": int(token_mask.sum()), "pattern": pattern}
     params = trainable_parameters(student.model, cfg.portion)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     clip_loss = ClipLoss()
