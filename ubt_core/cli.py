@@ -54,6 +54,48 @@ def _check(args) -> None:
                       "quarantined": dict(pairs.quarantined), "classes": classes and len(classes.classes)}))
 
 
+def _add_import(sub) -> None:
+    p = sub.add_parser("import", help="convert WebDataset / Parquet / CSV data or an image folder to the contract")
+    p.add_argument("--format", required=True, choices=["webdataset", "parquet", "csv", "cleanclip-csv", "image-folder"],
+                   help="webdataset: img2dataset tar shards; parquet: img2dataset Parquet with image bytes; "
+                        "csv: open_clip CSV/TSV; cleanclip-csv: CleanCLIP's image,caption CSV; "
+                        "image-folder: one sub-folder per class -> eval set")
+    p.add_argument("--source", required=True, help="input file or directory (local or s3:// for tar/Parquet)")
+    p.add_argument("--out", required=True, help="output dataset directory")
+    p.add_argument("--quarantine", help=QUARANTINE_HELP)
+    p.add_argument("--image-key", help="column with the image (path or bytes)")
+    p.add_argument("--caption-key", help="column with the caption")
+    p.add_argument("--uid-key", help="column with the unique id (parquet)")
+    p.add_argument("--sep", help="CSV separator (csv: tab, cleanclip-csv: comma); '\\t' for tab")
+    p.add_argument("--image-root", help="folder that relative CSV image paths start from (default: the CSV's)")
+    p.add_argument("--class-names", help="image-folder: text file, one class name per line, in folder order")
+    p.add_argument("--templates", help="image-folder: text file, one zero-shot template with {} per line")
+    p.set_defaults(func=_import)
+
+
+def _lines(path: str | None, flag: str) -> list[str] | None:
+    if path is None:
+        return None
+    try:
+        return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise UbtError(f"{flag} {path}: cannot read it as UTF-8 text ({e}).") from None
+
+
+def _import(args) -> None:
+    from ubt_core.data.importers import ImportConfig, import_image_folder, import_pairs
+
+    if args.format == "image-folder":
+        report = import_image_folder(args.source, args.out, _lines(args.class_names, "--class-names"),
+                                     _lines(args.templates, "--templates"), args.quarantine)
+    else:
+        sep = args.sep.replace("\\t", "\t") if args.sep else None
+        cfg = ImportConfig(**_given(args, image_key="image_key", caption_key="caption_key", uid_key="uid_key",
+                                    image_root="image_root"), **({"sep": sep} if sep else {}))
+        report = import_pairs(args.format, args.source, args.out, cfg, args.quarantine)
+    print(json.dumps(report.as_dict()))
+
+
 def _add_poison(sub) -> None:
     from ubt_core.attacks import ATTACKS
 
@@ -254,9 +296,11 @@ def _given(args, **names: str) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ubt", description="Find and unlearn backdoors in CLIP models.")
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
-    data = sub.add_parser("data", help="datasets: synth, check").add_subparsers(required=True, metavar="COMMAND")
+    data_parser = sub.add_parser("data", help="datasets: synth, check, import")
+    data = data_parser.add_subparsers(required=True, metavar="COMMAND")
     _add_synth(data)
     _add_check(data)
+    _add_import(data)
     for add in (_add_poison, _add_train, _add_eval, _add_defend, _add_demo, _add_bench, _add_bench_defense):
         add(sub)
     return parser

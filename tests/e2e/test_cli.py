@@ -61,3 +61,17 @@ def test_check_refuses_a_bad_row_then_quarantines_and_counts_it(ubt, tmp_path):
     assert report["rows_in"] == 20 and report["rows_ok"] == 19
     assert report["quarantined"] == {"undecodable image": 1}
     assert pq.read_table(tmp_path / "bad.parquet").column("source_row").to_pylist() == [4]
+
+
+def test_import_a_tab_separated_csv_given_as_backslash_t(ubt, tmp_path):
+    ubt("data", "synth", "--out", str(tmp_path / "world"), "--train-pairs", "12", "--eval-images", "5")
+    table = pq.read_table(tmp_path / "world" / "train")
+    lines = ["path\ttext"]
+    for uid, image, caption in zip(*(table.column(c).to_pylist() for c in ("uid", "image", "caption")), strict=True):
+        (tmp_path / f"{uid}.png").write_bytes(image)
+        lines.append(f"{uid}.png\t{caption}")
+    (tmp_path / "pairs.csv").write_text("\n".join(lines) + "\n")
+    proc = ubt("data", "import", "--format", "cleanclip-csv", "--source", str(tmp_path / "pairs.csv"), "--out",
+               str(tmp_path / "imported"), "--sep", "\\t", "--image-key", "path", "--caption-key", "text")
+    assert json.loads(proc.stdout)["rows_out"] == 12
+    ubt("data", "check", "--data", str(tmp_path / "imported"))

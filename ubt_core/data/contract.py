@@ -121,7 +121,7 @@ def _check_schema(path: str, schema: pa.Schema) -> None:
             )
 
 
-def _row_fault(uid, image, caption, label, n_classes: int | None, seen: dict) -> tuple[str, str] | None:
+def row_fault(uid, image, caption, label, n_classes: int | None, seen: dict) -> tuple[str, str] | None:
     """(kind, detail) of the first fault in one row, or None; `kind` is what quarantine counts."""
     if uid is None or not str(uid).strip():
         return "missing uid", "uid is empty"
@@ -171,7 +171,7 @@ def read_pairs(uri: str, *, quarantine: str | None = None, n_classes: int | None
         cols = [table.column(c).to_pylist() for c in ("uid", "image", "caption", "label")]
         keep = []
         for row, (uid, image, caption, label) in enumerate(zip(*cols, strict=True)):
-            fault = _row_fault(uid, image, caption, label, n_classes, seen)
+            fault = row_fault(uid, image, caption, label, n_classes, seen)
             if fault is None:
                 seen[uid] = f"{path} row {row}"
                 keep.append(row)
