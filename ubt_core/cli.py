@@ -96,6 +96,21 @@ def _import(args) -> None:
     print(json.dumps(report.as_dict()))
 
 
+def _add_model_import(sub) -> None:
+    p = sub.add_parser("import", help="OpenAI CLIP / open_clip / CleanCLIP checkpoint -> open_clip local-dir")
+    p.add_argument("--checkpoint", required=True, help=".pt / .bin / .safetensors file (weights only)")
+    p.add_argument("--model", required=True,
+                   help="open_clip architecture of the weights, e.g. ViT-B-32-quickgelu for OpenAI-lineage weights")
+    p.add_argument("--out", required=True, help="output checkpoint directory")
+    p.set_defaults(func=_model_import)
+
+
+def _model_import(args) -> None:
+    from ubt_core.models.importer import import_checkpoint
+
+    print(json.dumps({"out": str(import_checkpoint(args.checkpoint, args.model, args.out))}))
+
+
 def _add_poison(sub) -> None:
     from ubt_core.attacks import ATTACKS
 
@@ -301,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_synth(data)
     _add_check(data)
     _add_import(data)
+    models = sub.add_parser("model", help="checkpoints: import").add_subparsers(required=True, metavar="COMMAND")
+    _add_model_import(models)
     for add in (_add_poison, _add_train, _add_eval, _add_defend, _add_demo, _add_bench, _add_bench_defense):
         add(sub)
     return parser
