@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import torch  # noqa: E402
+from open_clip.push_to_hf_hub import generate_readme  # noqa: E402
 
 from ubt_core.data.images import decode_pixels  # noqa: E402
 from ubt_core.models import LoadedModel  # noqa: E402
@@ -84,6 +85,33 @@ def _trigger(path: Path, pattern: torch.Tensor) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def write_model_card(model_dir: Path, report: dict) -> Path:
+    """README.md model card beside a defended checkpoint (open_clip's Hugging Face card format)."""
+    details = {"Architecture": "open_clip_config.json in this directory", "Defended from": report["model"],
+               "Training data scanned": f"{report['data']} ({report['n_pairs']} pairs)",
+               "Defense": "UBT (ubt defend): overfit amplification, suspicion scan, selection, token-level unlearning",
+               "Verdict": report["verdict"], "Unlearning set size k": report["k"]}
+    if "detection" in report:
+        d = report["detection"]
+        details["Detection against ground truth"] = {
+            "precision@k": f"{d['precision_at_k']:.3f}", "recall@k": f"{d['recall_at_k']:.3f}",
+            "AUROC": f"{d['auroc']:.3f}"}
+    unlearned = report["unlearn"]
+    if "trainable_fraction" in unlearned:
+        details["Parameters changed"] = f"{100 * unlearned['trainable_fraction']:.0f} % ({unlearned['portion']})"
+    usage = ("```python\nimport open_clip\n"
+             f"model, _, preprocess = open_clip.create_model_and_transforms('local-dir:{model_dir}')\n"
+             f"tokenizer = open_clip.get_tokenizer('local-dir:{model_dir}')\n```\n")
+    card = {"tags": ("clip", "backdoor-defense", "ubt"), "license": "other", "details": details, "usage": usage,
+            "description": "A CLIP checkpoint after ubt's backdoor defense. See report.md beside this directory for "
+                           "the suspicious pairs, the estimated trigger and per-stage times."}
+    path = model_dir / "README.md"
+    tmp = model_dir / ".README.md.tmp"
+    tmp.write_text(generate_readme(card, f"{model_dir.name} (defended by ubt)"))
+    tmp.replace(path)
+    return path
 
 
 def _table(rows: list[tuple[str, str]]) -> str:

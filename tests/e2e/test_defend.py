@@ -46,6 +46,8 @@ def test_defend_writes_model_table_and_reports(ubt, suspect, tmp_path):
     text = (out / "report.md").read_text()
     assert "suspicion_histogram.png" in text and (out / "suspicion_histogram.png").stat().st_size > 0
     assert (out / "top_suspicious.png").stat().st_size > 0
+    card = (out / "model" / "README.md").read_text()
+    assert "library_name: open_clip" in card and f"local-dir:{out / 'model'}" in card and "recall@k" in card
     assert "estimated_trigger.png" in text and (out / "estimated_trigger.png").stat().st_size > 0
 
 

@@ -28,7 +28,7 @@ from ubt_core.defense.select import SelectConfig, select_pairs
 from ubt_core.defense.unlearn import UnlearnConfig, unlearn
 from ubt_core.eval.detection import detection_metrics
 from ubt_core.models import LoadedModel, load_model, save_model
-from ubt_core.report import write_defense_report
+from ubt_core.report import write_defense_report, write_model_card
 from ubt_core.train import PairDataset
 
 SUSPICIOUS_FILE = "suspicious.parquet"
@@ -99,6 +99,13 @@ def _cached_scan(cache_dir: Path, key: dict, run) -> tuple[dict[str, np.ndarray]
     return columns, seconds
 
 
+def _verdict(evidence: bool, k: int) -> str:
+    if evidence:
+        return f"backdoor evidence: a group of pairs whose images collapse onto one point; {k} pairs unlearned"
+    found = "no strong backdoor evidence: no anomalous group of pairs"
+    return f"{found}; the {k} pairs asked for (fixed k) were unlearned anyway" if k else found
+
+
 def defend(model_dir: str, data_uri: str, out_dir: str | Path, cfg: DefenseConfig | None = None,
            quarantine: str | None = None, scan_cache: str | Path | None = None) -> dict:
     """Run UBT on a suspect model and its training pairs; returns the report (also written to OUT).
@@ -157,8 +164,7 @@ def defend(model_dir: str, data_uri: str, out_dir: str | Path, cfg: DefenseConfi
     report = {
         "model": str(model_dir), "data": data_uri, "n_pairs": len(table), "k": int(len(selection.forget)),
         "backdoor_evidence": bool(selection.evidence),
-        "verdict": ("backdoor evidence: a group of pairs whose images collapse onto one point; unlearned"
-                    if selection.evidence else "no strong backdoor evidence: no anomalous group of pairs"),
+        "verdict": _verdict(selection.evidence, len(selection.forget)),
         "anomalous_pairs": selection.n_anomalous,
         "unlearn": unlearn_info, "stage_seconds": stage.seconds,
         "scan_cache": str(scan_cache) if scan_cache else None, "config": cfg.model_dump(),
@@ -168,6 +174,7 @@ def defend(model_dir: str, data_uri: str, out_dir: str | Path, cfg: DefenseConfi
     with stage("report"):
         write_defense_report(out, report | {"total_seconds": sum(stage.seconds.values())}, columns, shown, table,
                              patch_saliency, token_sal, suspect, poisoned, pattern)
+        write_model_card(out / "model", report)
     # a reused scan counts with the seconds it took when it ran, so totals stay comparable across runs
     report["total_seconds"] = round(sum(stage.seconds.values()), 2)
     write_json(report, str(out / "report.json"))
