@@ -249,6 +249,21 @@ def _bench_defense(args) -> None:
     print(run_defense_bench(args.out, cfg, doc=args.doc, command=" ".join(["ubt", *sys.argv[1:]])))
 
 
+def _add_bench_import(sub) -> None:
+    p = sub.add_parser("bench-import", help="peak memory and speed of importing WebDataset shards as input grows")
+    p.add_argument("--out", required=True, help="work directory (generated shards are reused)")
+    p.add_argument("--sizes", default="100000,1000000", help="comma-separated numbers of pairs")
+    p.add_argument("--doc", help="also write the table into this Markdown file, e.g. docs/performance.md")
+    p.set_defaults(func=_bench_import)
+
+
+def _bench_import(args) -> None:
+    from ubt_core.data.importers.bench import run_import_bench
+
+    sizes = [int(s) for s in args.sizes.split(",")]
+    print(run_import_bench(args.out, sizes, args.doc, command=" ".join(["ubt", *sys.argv[1:]])))
+
+
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="synth -> poison (BadNet) -> train backdoored model -> eval -> UBT defend -> eval")
     p.add_argument("--out", required=True)
@@ -318,7 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_import(data)
     models = sub.add_parser("model", help="checkpoints: import").add_subparsers(required=True, metavar="COMMAND")
     _add_model_import(models)
-    for add in (_add_poison, _add_train, _add_eval, _add_defend, _add_demo, _add_bench, _add_bench_defense):
+    for add in (_add_poison, _add_train, _add_eval, _add_defend, _add_demo, _add_bench, _add_bench_defense,
+                _add_bench_import):
         add(sub)
     return parser
 

@@ -121,11 +121,14 @@ def _check_schema(path: str, schema: pa.Schema) -> None:
             )
 
 
-def row_fault(uid, image, caption, label, n_classes: int | None, seen: dict) -> tuple[str, str] | None:
-    """(kind, detail) of the first fault in one row, or None; `kind` is what quarantine counts."""
+def row_fault(uid, image, caption, label, n_classes: int | None, seen: dict | None) -> tuple[str, str] | None:
+    """(kind, detail) of the first fault in one row, or None; `kind` is what quarantine counts.
+
+    `seen` maps earlier uids to where they were; None leaves duplicate checks to the caller.
+    """
     if uid is None or not str(uid).strip():
         return "missing uid", "uid is empty"
-    if uid in seen:
+    if seen is not None and uid in seen:
         return "duplicate uid", f"uid {uid!r} already used at {seen[uid]}"
     if caption is None or not caption.strip():
         return "empty caption", "caption is empty"

@@ -136,3 +136,22 @@ def test_empty_or_missing_sources_are_clear_errors(tmp_path):
         import_pairs("webdataset", str(tmp_path / "empty"), str(tmp_path / "out"))
     with pytest.raises(DataContractError, match="no such folder"):
         import_image_folder(str(tmp_path / "nothing"), str(tmp_path / "out"))
+
+
+def test_duplicates_are_found_across_part_files_and_the_first_copy_is_kept(source, tmp_path):
+    rows = list(source[:5]) + [source[1], source[4]]  # repeats land in later part files
+    shards = write_webdataset(rows, tmp_path / "wds", shards=1)
+    report = import_pairs("webdataset", str(shards), str(tmp_path / "out"), ImportConfig(rows_per_file=2),
+                          quarantine=str(tmp_path / "q.parquet"))
+    assert report.rows_out == 5 and dict(report.quarantined) == {"duplicate uid": 2}
+    assert _pair_set(str(tmp_path / "out")) == set(source[:5])
+
+
+def test_import_benchmark_reports_every_size_in_its_doc_section(tmp_path):
+    from ubt_core.data.importers.bench import run_import_bench
+
+    doc = tmp_path / "performance.md"
+    markdown = run_import_bench(str(tmp_path / "work"), [30, 60], str(doc))
+    rows = [line for line in markdown.splitlines() if line.startswith("| 30 ") or line.startswith("| 60 ")]
+    assert [row.split("|")[2].strip() for row in rows] == ["30", "60"]  # rows written
+    assert "<!-- import:webdataset:begin -->" in doc.read_text()
