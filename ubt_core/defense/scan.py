@@ -28,8 +28,6 @@ class ScanConfig(BaseModel):
 
     neighbours: int = Field(100, ge=1)  # k of the k-NN density; below the expected number of poisoned pairs
     reference_size: int = Field(20_000, ge=1)  # density against a random sample of this many pairs
-    use_suspect: bool = True  # density in the suspect model (strongly learned backdoors)
-    use_overfit: bool = True  # density in the over-fitted model (weakly learned backdoors)
     seed: int = 0
 
 
@@ -62,18 +60,12 @@ def _reference(images: torch.Tensor, cfg: ScanConfig) -> torch.Tensor:
 
 def scan_scores(suspect: PairEmbeddings, amplified: PairEmbeddings | None, cfg: ScanConfig) -> dict[str, np.ndarray]:
     """Per-pair columns: cosines, the `strong` and `weak` evidence and `suspicion` (higher = more suspect)."""
-    columns = {"cosine_suspect": suspect.cosine.numpy()}
-    signals = []
-    if cfg.use_suspect:
-        columns["strong"] = robust_z(knn_density(suspect.images, cfg.neighbours, _reference(suspect.images, cfg)))
-        signals.append(columns["strong"])
-    if amplified is not None:
+    columns = {"cosine_suspect": suspect.cosine.numpy(),
+               "strong": robust_z(knn_density(suspect.images, cfg.neighbours, _reference(suspect.images, cfg)))}
+    columns["suspicion"] = columns["strong"]
+    if amplified is not None:  # without overfit steps (ablation) only the strong evidence exists
+        density = robust_z(knn_density(amplified.images, cfg.neighbours, _reference(amplified.images, cfg)))
         columns["cosine_overfit"] = amplified.cosine.numpy()
-        if cfg.use_overfit:
-            density = robust_z(knn_density(amplified.images, cfg.neighbours, _reference(amplified.images, cfg)))
-            columns["weak"] = (density + robust_z(-columns["cosine_suspect"])) / np.sqrt(2)
-            signals.append(columns["weak"])
-    if not signals:
-        raise ValueError("scan needs at least one signal: enable use_suspect, or use_overfit with overfit steps")
-    columns["suspicion"] = np.max(signals, axis=0)
+        columns["weak"] = (density + robust_z(-columns["cosine_suspect"])) / np.sqrt(2)
+        columns["suspicion"] = np.maximum(columns["strong"], columns["weak"])
     return columns

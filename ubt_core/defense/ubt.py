@@ -138,8 +138,8 @@ def defend(model_dir: str, data_uri: str, out_dir: str | Path, cfg: DefenseConfi
     unlearn_info = {"skipped": "no strong backdoor evidence and no fixed k"}
     if len(selection.forget):
         with stage("unlearn"):
-            cleaned, unlearn_info = unlearn(suspect, *_stack(dataset, selection.forget),
-                                            *_stack(dataset, selection.retain), cfg.unlearn)
+            retain_images, _ = _stack(dataset, selection.retain)
+            cleaned, unlearn_info = unlearn(suspect, *_stack(dataset, selection.forget), retain_images, cfg.unlearn)
     else:
         cleaned = copy.copy(suspect)
     shown = (selection.forget if len(selection.forget) else np.argsort(-columns["suspicion"]))[:REPORT_SHOWN]

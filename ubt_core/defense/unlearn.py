@@ -31,7 +31,7 @@ class UnlearnConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a misspelt setting is an error, not a silent default
 
     # token: transplant each selected pair's salient patch tokens; pattern: add the selected pairs' common
-    # pattern on their consensus-salient tokens; full: sample-level gradient ascent (ablation)
+    # pattern on the tokens where it is significant; full: sample-level gradient ascent (ablation)
     scope: Literal["token", "pattern", "full"] = "pattern"
     portion: Portion = "visual-early"  # which parameters may change (ablation in docs/algorithm.md)
     tokens_per_pair: int = Field(4, ge=1)  # salient patch tokens transplanted from each selected pair
@@ -90,7 +90,7 @@ def _pixel_mask(token_mask: torch.Tensor, patch_size: tuple[int, int], shape: tu
 
 
 def unlearn(suspect: LoadedModel, forget_images: torch.Tensor, forget_texts: torch.Tensor,
-            retain_images: torch.Tensor, retain_texts: torch.Tensor, cfg: UnlearnConfig) -> tuple[LoadedModel, dict]:
+            retain_images: torch.Tensor, cfg: UnlearnConfig) -> tuple[LoadedModel, dict]:
     """A copy of `suspect` with the backdoor unlearned; also returns what it did (for the report)."""
     student = copy.copy(suspect)
     student.model = copy.deepcopy(suspect.model)

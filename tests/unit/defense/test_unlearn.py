@@ -76,7 +76,7 @@ def test_unlearning_moves_only_its_portion(tiny, portion):
     images, texts = _batch(tiny, n=8)
     before = _params(tiny.model)
     cfg = UnlearnConfig(steps=2, batch_size=4, portion=portion)
-    student, info = unlearn(tiny, images[:4], texts[:4], images[4:], texts[4:], cfg)
+    student, info = unlearn(tiny, images[:4], texts[:4], images[4:], cfg)
     assert all(torch.equal(before[n], p) for n, p in tiny.model.named_parameters())  # suspect untouched
     moved = {n for n, p in student.model.named_parameters() if not torch.equal(before[n], p)}
     text_moved = {n for n in moved if not n.startswith("visual.")}
@@ -91,7 +91,7 @@ def test_unlearning_moves_only_its_portion(tiny, portion):
 
 def test_sample_level_unlearning_runs_without_saliency(tiny):
     images, texts = _batch(tiny, n=8)
-    _, info = unlearn(tiny, images[:4], texts[:4], images[4:], texts[4:],
+    _, info = unlearn(tiny, images[:4], texts[:4], images[4:],
                       UnlearnConfig(scope="full", steps=1, batch_size=4))
     assert info["scope"] == "full" and "patch_saliency" not in info
     assert np.isfinite(info["trainable_fraction"])
