@@ -155,3 +155,11 @@ def test_import_benchmark_reports_every_size_in_its_doc_section(tmp_path):
     rows = [line for line in markdown.splitlines() if line.startswith("| 30 ") or line.startswith("| 60 ")]
     assert [row.split("|")[2].strip() for row in rows] == ["30", "60"]  # rows written
     assert "<!-- import:webdataset:begin -->" in doc.read_text()
+
+
+def test_a_truncated_shard_is_a_clear_error(source, tmp_path):
+    shards = write_webdataset(source, tmp_path / "wds", shards=1)
+    tar = shards / "00000.tar"
+    tar.write_bytes(tar.read_bytes()[:5000])
+    with pytest.raises(DataContractError, match=r"00000\.tar: not a readable tar shard"):
+        import_pairs("webdataset", str(shards), str(tmp_path / "out"))

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow.parquet as pq
+from pyarrow.fs import FileSelector
 
 from ubt_core.data.contract import DataContractError, filesystem
 
@@ -28,8 +29,6 @@ def _listing(uri: str, suffix: str) -> list[str]:
         raise DataContractError(f"{uri}: no such file or directory.")
     if info.type.name == "File":
         return [root]
-    from pyarrow.fs import FileSelector
-
     paths = sorted(f.path for f in fs.get_file_info(FileSelector(root, recursive=True)) if f.path.endswith(suffix))
     if not paths:
         raise DataContractError(f"{uri}: no *{suffix} files found; check --source and --format.")
@@ -40,21 +39,29 @@ def webdataset_rows(uri: str) -> Iterator[Row]:
     """img2dataset / WebDataset tar shards: members grouped by key (`KEY.jpg`, `KEY.txt`, `KEY.json`)."""
     fs, _ = filesystem(uri)
     for path in _listing(uri, ".tar"):
-        with fs.open_input_stream(path) as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
-            key, sample, index = None, {}, 0
-            for member in tar:
-                if not member.isfile():
-                    continue
-                name = posixpath.basename(member.name)
-                stem, _, ext = name.partition(".")
-                member_key = posixpath.join(posixpath.dirname(member.name), stem)
-                if member_key != key and key is not None:
-                    yield _sample_row(key, sample, path, index)
-                    index, sample = index + 1, {}
-                key = member_key
-                sample[ext.lower()] = tar.extractfile(member).read()
-            if key is not None:
+        try:
+            yield from _shard_rows(fs, path)
+        except (tarfile.TarError, EOFError) as e:
+            raise DataContractError(f"{path}: not a readable tar shard ({e}); re-download it or move it out of "
+                                    "--source; the import stopped and its output is incomplete.") from None
+
+
+def _shard_rows(fs, path: str) -> Iterator[Row]:
+    with fs.open_input_stream(path) as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
+        key, sample, index = None, {}, 0
+        for member in tar:
+            if not member.isfile():
+                continue
+            name = posixpath.basename(member.name)
+            stem, _, ext = name.partition(".")
+            member_key = posixpath.join(posixpath.dirname(member.name), stem)
+            if member_key != key and key is not None:
                 yield _sample_row(key, sample, path, index)
+                index, sample = index + 1, {}
+            key = member_key
+            sample[ext.lower()] = tar.extractfile(member).read()
+        if key is not None:
+            yield _sample_row(key, sample, path, index)
 
 
 def _sample_row(key: str, sample: dict[str, bytes], path: str, index: int) -> Row:
