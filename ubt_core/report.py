@@ -107,9 +107,13 @@ def write_model_card(model_dir: Path, report: dict) -> Path:
     card = {"tags": ("clip", "backdoor-defense", "ubt"), "license": "other", "details": details, "usage": usage,
             "description": "A CLIP checkpoint after ubt's backdoor defense. See report.md beside this directory for "
                            "the suspicious pairs, the estimated trigger and per-stage times."}
-    path = model_dir / "README.md"
-    tmp = model_dir / ".README.md.tmp"
-    tmp.write_text(generate_readme(card, f"{model_dir.name} (defended by ubt)"))
+    return _write_text(model_dir / "README.md", generate_readme(card, f"{model_dir.name} (defended by ubt)"))
+
+
+def _write_text(path: Path, text: str) -> Path:
+    """Write under a temporary name, then rename: a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
     tmp.replace(path)
     return path
 
@@ -171,8 +175,4 @@ its {OUTLINED_TOKENS} most salient tokens are outlined; a trigger shows up in th
 |---|---:|
 {stages}
 """
-    path = out / "report.md"
-    tmp = out / ".report.md.tmp"
-    tmp.write_text(text)
-    tmp.replace(path)
-    return path
+    return _write_text(out / "report.md", text)

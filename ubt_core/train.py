@@ -65,6 +65,11 @@ class PairDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.preprocess(decode_image(self.images[i])), self.tokens[i]
 
+    def stack(self, rows) -> tuple[torch.Tensor, torch.Tensor]:
+        """The images (N, 3, H, W) and token ids (N, context) of `rows`, in that order."""
+        items = [self[int(i)] for i in rows]
+        return torch.stack([image for image, _ in items]), torch.stack([text for _, text in items])
+
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups as in CLIP: no decay on gains, biases, norms and the logit scale."""

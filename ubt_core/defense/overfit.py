@@ -39,11 +39,6 @@ def weakest_pairs(cosine: torch.Tensor, fraction: float) -> np.ndarray:
     return torch.argsort(cosine)[:n].numpy()
 
 
-def _batch(dataset: PairDataset, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    items = [dataset[int(i)] for i in np.unique(indices)]  # a pair twice in a batch is its own negative
-    return torch.stack([image for image, _ in items]), torch.stack([text for _, text in items])
-
-
 def overfit(suspect: LoadedModel, dataset: PairDataset, cosine: torch.Tensor, cfg: OverfitConfig) -> LoadedModel:
     """A copy of `suspect` over-fitted on its weakest pairs (the suspect itself is not modified)."""
     amplified = copy.copy(suspect)
@@ -58,6 +53,7 @@ def overfit(suspect: LoadedModel, dataset: PairDataset, cosine: torch.Tensor, cf
     for _ in tqdm(range(cfg.steps), desc="overfit", unit="step", mininterval=2.0):
         indices = np.concatenate([rng.choice(weak, cfg.weak_per_batch),
                                   rng.integers(0, len(dataset), cfg.normal_per_batch)])
-        train_step(amplified.model, *_batch(dataset, indices), loss_fn, optimizer, scheduler, cfg.max_logit_scale)
+        batch = dataset.stack(np.unique(indices))  # a pair twice in a batch would be its own negative
+        train_step(amplified.model, *batch, loss_fn, optimizer, scheduler, cfg.max_logit_scale)
     amplified.model.eval()
     return amplified

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import torch
 from pydantic import BaseModel, ConfigDict
 
 from ubt_core.data.contract import read_pairs, write_json, write_table
@@ -54,11 +53,6 @@ class _Stages:
         start = time.perf_counter()
         yield
         self.seconds[name] = round(time.perf_counter() - start, 2)
-
-
-def _stack(dataset: PairDataset, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    items = [dataset[int(i)] for i in rows]
-    return torch.stack([image for image, _ in items]), torch.stack([text for _, text in items])
 
 
 def _ground_truth(table: pa.Table) -> np.ndarray | None:
@@ -138,8 +132,8 @@ def defend(model_dir: str, data_uri: str, out_dir: str | Path, cfg: DefenseConfi
     unlearn_info = {"skipped": "no strong backdoor evidence and no fixed k"}
     if len(selection.forget):
         with stage("unlearn"):
-            retain_images, _ = _stack(dataset, selection.retain)
-            cleaned, unlearn_info = unlearn(suspect, *_stack(dataset, selection.forget), retain_images, cfg.unlearn)
+            retain_images, _ = dataset.stack(selection.retain)
+            cleaned, unlearn_info = unlearn(suspect, *dataset.stack(selection.forget), retain_images, cfg.unlearn)
     else:
         cleaned = copy.copy(suspect)
     shown = (selection.forget if len(selection.forget) else np.argsort(-columns["suspicion"]))[:REPORT_SHOWN]
@@ -148,7 +142,7 @@ def defend(model_dir: str, data_uri: str, out_dir: str | Path, cfg: DefenseConfi
     pattern = unlearn_info.pop("pattern", None)
     if patch_saliency is None:
         with stage("saliency"):
-            sal = token_saliency(suspect, *_stack(dataset, shown))
+            sal = token_saliency(suspect, *dataset.stack(shown))
             patch_saliency, token_sal = sal.patches, sal.tokens
     with stage("save"):
         save_model(cleaned, out / "model", extra={"defended_from": str(model_dir), "data": data_uri,
