@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -174,15 +175,10 @@ def _add_eval(sub) -> None:
 
 
 def _eval(args) -> None:
-    from ubt_core.attacks import make_trigger, read_manifest
     from ubt_core.data.contract import write_json
-    from ubt_core.eval import evaluate
+    from ubt_core.eval import evaluate, resolve_trigger
 
-    trigger, target = None, args.target
-    if args.trigger_from:
-        trigger, target = read_manifest(args.trigger_from)
-    elif args.attack:
-        trigger = make_trigger(args.attack, args.trigger_seed)
+    trigger, target = resolve_trigger(args.attack, args.target, args.trigger_from, args.trigger_seed)
     metrics = evaluate(args.model, args.eval, trigger, target)
     write_json(metrics, args.out)
     print(json.dumps({k: metrics[k] for k in ("ca", "asr", "ra") if k in metrics}))
@@ -323,6 +319,32 @@ def _given(args, **names: str) -> dict:
     return {field: getattr(args, attr) for field, attr in names.items() if getattr(args, attr) is not None}
 
 
+def _add_flow(sub) -> None:
+    flows = sub.add_parser("flow", help="run a Prefect flow (stages cached; a re-run resumes after a failure)")
+    p = flows.add_subparsers(required=True, metavar="FLOW").add_parser(
+        "defend", help="UBT as a DAG: validate, scan (Ray Data), overfit, select, unlearn, evaluate, register (MLflow)")
+    p.add_argument("--config", help="run config YAML (see configs/run-example.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="overrides, e.g. defense.unlearn.steps=50")
+    p.set_defaults(func=_flow_defend)
+
+
+# Prefect's embedded server takes 15-25 s to start on 2 cores (its default timeout is shorter), and no
+# analytics leave the machine; both must be set before prefect is imported. A user's settings win.
+_PREFECT_DEFAULTS = {"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+                     "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+
+
+def _flow_defend(args) -> None:
+    for name, value in _PREFECT_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+    from flows.defend import defend_flow
+
+    report = defend_flow(args.config, args.overrides)
+    print(json.dumps({k: report[k] for k in ("k", "verdict", "registered_version", "mlflow_run_id")}
+                     | {"evaluation": {which: {m: v.get(m) for m in ("ca", "asr", "ra")}
+                                       for which, v in report["evaluation"].items()}}))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ubt", description="Find and unlearn backdoors in CLIP models.")
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
@@ -333,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_import(data)
     models = sub.add_parser("model", help="checkpoints: import").add_subparsers(required=True, metavar="COMMAND")
     _add_model_import(models)
-    for add in (_add_poison, _add_train, _add_eval, _add_defend, _add_demo, _add_bench, _add_bench_defense,
+    for add in (_add_poison, _add_train, _add_eval, _add_defend, _add_flow, _add_demo, _add_bench, _add_bench_defense,
                 _add_bench_import):
         add(sub)
     return parser

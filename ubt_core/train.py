@@ -100,7 +100,7 @@ def train_step(model, images, texts, loss_fn, optimizer, scheduler, max_logit_sc
     optimizer.step()
     scheduler.step()
     with torch.no_grad():
-        model.logit_scale.clamp_(0, math.log(max_logit_scale))
+        getattr(model, "module", model).logit_scale.clamp_(0, math.log(max_logit_scale))  # DDP wraps the model
     return {"contrastive_loss": loss.item()}
 
 

@@ -85,7 +85,7 @@ def test_a_reused_scan_gives_the_same_scores_and_keeps_its_recorded_time(suspect
                    scan_cache=tmp_path / "cache")
     second = defend(*args, tmp_path / "b", variant_config(SMALL | {"select": {"k": 6, "retain_size": 20}}),
                     scan_cache=tmp_path / "cache")
-    assert len(list((tmp_path / "cache").glob("scan-*.npz"))) == 1
+    assert len(list((tmp_path / "cache").glob("*/scan.json"))) == 1
     assert first["stage_seconds"]["overfit"] == second["stage_seconds"]["overfit"]
     a = pq.read_table(tmp_path / "a" / "suspicious.parquet").sort_by("uid")
     b = pq.read_table(tmp_path / "b" / "suspicious.parquet").sort_by("uid")

@@ -1,15 +1,29 @@
-"""Embeddings of every pair of a dataset under one model: the raw material of the scan."""
+"""Embeddings of every pair of a dataset under one model: the raw material of the scan.
+
+`embed_batch` is the batch adapter every scan runs (in-process here, on Ray Data actors in
+`ubt_core.jobs.scan_job`): it consumes contract rows (`uid`, `image`, `caption`) and returns
+`uid`, `image_emb`, `text_emb` (float32, L2-normalised). Embedding files are Parquet with those
+columns, one file or a directory of parts in any row order; `read_embeddings` aligns them to a
+dataset's row order by uid.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from ubt_core.eval.zeroshot import encode_images
+from ubt_core.data.contract import filesystem, write_table
+from ubt_core.errors import UbtError
+from ubt_core.eval.zeroshot import encode_image_batch
 from ubt_core.models import LoadedModel
+
+EMBEDDING_COLUMNS = ("uid", "image_emb", "text_emb")
 
 
 @dataclass
@@ -23,18 +37,51 @@ class PairEmbeddings:
         return (self.images * self.texts).sum(dim=1)
 
 
+def _vectors(rows: torch.Tensor) -> pa.FixedSizeListArray:
+    matrix = rows.detach().to(torch.float32).numpy()
+    return pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), matrix.shape[1])
+
+
+def _matrix(column: pa.ChunkedArray | pa.Array) -> torch.Tensor:
+    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    width = column.type.list_size
+    return torch.from_numpy(column.flatten().to_numpy(zero_copy_only=False).reshape(-1, width).copy())
+
+
 @torch.no_grad()
-def encode_texts(loaded: LoadedModel, captions: list[str], batch_size: int, desc: str = "encode text") -> torch.Tensor:
-    """L2-normalised (N, D) caption embeddings."""
-    out = []
-    for start in tqdm(range(0, len(captions), batch_size), desc=desc, unit="batch", mininterval=2.0):
-        out.append(loaded.model.encode_text(loaded.tokenizer(captions[start:start + batch_size]), normalize=True))
-    return torch.cat(out)
+def embed_batch(batch: pa.Table | pa.RecordBatch, loaded: LoadedModel) -> pa.Table:
+    """Contract rows (`uid`, `image`, `caption`) -> `uid`, `image_emb`, `text_emb` (eval mode, no grad)."""
+    loaded.model.eval()
+    images = encode_image_batch(loaded, batch.column("image").to_pylist())
+    texts = loaded.model.encode_text(loaded.tokenizer(batch.column("caption").to_pylist()), normalize=True)
+    return pa.table({"uid": batch.column("uid"), "image_emb": _vectors(images), "text_emb": _vectors(texts)})
 
 
 def embed_pairs(loaded: LoadedModel, table: pa.Table, batch_size: int = 512, name: str = "") -> PairEmbeddings:
-    """Image and caption embeddings of every row of a contract table, in eval mode."""
-    loaded.model.eval()
-    images = encode_images(loaded, table.column("image").to_pylist(), batch_size, desc=f"scan images {name}".strip())
-    texts = encode_texts(loaded, table.column("caption").to_pylist(), batch_size, desc=f"scan texts {name}".strip())
-    return PairEmbeddings(images, texts)
+    """Image and caption embeddings of every row of a contract table, in row order."""
+    parts = [embed_batch(batch, loaded) for batch in tqdm(table.to_batches(batch_size), desc=f"scan {name}".strip(),
+                                                          unit="batch", mininterval=2.0)]
+    return embeddings_of(pa.concat_tables(parts))
+
+
+def embeddings_of(table: pa.Table) -> PairEmbeddings:
+    """The (N, D) matrices of an embeddings table, in its row order."""
+    return PairEmbeddings(_matrix(table.column("image_emb")), _matrix(table.column("text_emb")))
+
+
+def write_embeddings(uids: pa.ChunkedArray | pa.Array, embeddings: PairEmbeddings, uri: str) -> None:
+    """Write an embeddings file (atomically) for rows with these uids."""
+    write_table(pa.table({"uid": uids, "image_emb": _vectors(embeddings.images),
+                          "text_emb": _vectors(embeddings.texts)}), uri)
+
+
+def read_embeddings(uri: str, uids: pa.ChunkedArray | pa.Array) -> PairEmbeddings:
+    """Embeddings from a file or directory of parts, in the order of `uids` (every uid must be there)."""
+    fs, path = filesystem(uri)
+    table = pq.read_table(path, filesystem=fs, columns=list(EMBEDDING_COLUMNS))
+    position = pc.index_in(uids, value_set=table.column("uid"))
+    if position.null_count:
+        missing = pc.filter(uids, pc.is_null(position))[0]
+        raise UbtError(f"{uri}: no embedding for uid {missing.as_py()!r} ({position.null_count} uids missing); "
+                       f"the embeddings were made from other data: re-run the scan on this dataset.")
+    return embeddings_of(table.take(position.to_numpy(zero_copy_only=False).astype(np.int64)))

@@ -17,7 +17,8 @@ from PIL import Image
 from pydantic import BaseModel, Field
 from tqdm import tqdm
 
-from ubt_core.attacks.triggers import TriggerSpec
+from ubt_core.attacks.poison import read_manifest
+from ubt_core.attacks.triggers import TriggerSpec, make_trigger
 from ubt_core.data.contract import read_eval_set
 from ubt_core.data.images import decode_pixels
 from ubt_core.errors import UbtError
@@ -30,19 +31,31 @@ class EvalConfig(BaseModel):
 
 
 @torch.no_grad()
+def encode_image_batch(loaded: LoadedModel, images: list[bytes],
+                       transform: Callable[[np.ndarray], np.ndarray] | None = None) -> torch.Tensor:
+    """L2-normalised (N, D) embeddings of encoded images, as one batch; `transform` edits (H, W, 3) pixels first."""
+    batch = []
+    for data in images:
+        pixels = decode_pixels(data)
+        if transform is not None:
+            pixels = transform(pixels)
+        batch.append(loaded.preprocess(Image.fromarray(pixels)))
+    return loaded.model.encode_image(torch.stack(batch), normalize=True)
+
+
 def encode_images(loaded: LoadedModel, images: list[bytes], batch_size: int,
                   transform: Callable[[np.ndarray], np.ndarray] | None = None, desc: str = "encode") -> torch.Tensor:
-    """L2-normalised (N, D) image embeddings; `transform` edits decoded (H, W, 3) pixels first."""
-    out = []
-    for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", mininterval=2.0):
-        batch = []
-        for data in images[start:start + batch_size]:
-            pixels = decode_pixels(data)
-            if transform is not None:
-                pixels = transform(pixels)
-            batch.append(loaded.preprocess(Image.fromarray(pixels)))
-        out.append(loaded.model.encode_image(torch.stack(batch), normalize=True))
-    return torch.cat(out)
+    """L2-normalised (N, D) image embeddings in batches, with a progress bar."""
+    return torch.cat([encode_image_batch(loaded, images[start:start + batch_size], transform)
+                      for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", mininterval=2.0)])
+
+
+def resolve_trigger(attack: str | None = None, target: str | None = None, trigger_from: str | None = None,
+                    trigger_seed: int = 0) -> tuple[TriggerSpec | None, str | None]:
+    """The trigger and target to measure ASR with: a poisoned dataset's manifest, or an attack name and seed."""
+    if trigger_from:
+        return read_manifest(trigger_from)
+    return (make_trigger(attack, trigger_seed) if attack else None), target
 
 
 def evaluate(model_dir: str, eval_uri: str, trigger: TriggerSpec | None = None, target: str | None = None,

@@ -1,0 +1,183 @@
+"""UBT as file-level stages: each reads its inputs from paths and writes its outputs under OUT.
+
+A one-process run (`ubt_core.defense.ubt.defend`) and the DAG (`flows/defend.py`, each stage a cached
+task; the scans may run as Ray Data jobs writing the same embeddings files) compose these functions.
+Files under OUT: `validated/` (only when rows were quarantined), `embeddings-suspect.parquet`,
+`overfit-model/`, `embeddings-overfit.parquet`, `suspicious.parquet` (every pair ranked, with
+`selected` and `retained`), `selection.json`, `model/`, `unlearn.json` + `unlearn-tensors.safetensors`
+(what the report shows), `report.json`, `report.md` with figures.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import safetensors.torch
+import torch
+
+from ubt_core.data.contract import read_pairs, write_json, write_pairs, write_table
+from ubt_core.defense.embed import embed_pairs, read_embeddings, write_embeddings
+from ubt_core.defense.overfit import OverfitConfig, overfit
+from ubt_core.defense.saliency import token_saliency
+from ubt_core.defense.scan import ScanConfig, scan_scores
+from ubt_core.defense.select import SelectConfig, select_pairs
+from ubt_core.defense.unlearn import UnlearnConfig, unlearn
+from ubt_core.eval.detection import detection_metrics
+from ubt_core.models import load_model, save_model
+from ubt_core.report import write_defense_report, write_model_card
+from ubt_core.train import PairDataset
+
+SUSPICIOUS_FILE = "suspicious.parquet"
+SELECTION_FILE = "selection.json"
+UNLEARN_FILE = "unlearn.json"
+UNLEARN_TENSORS = "unlearn-tensors.safetensors"
+REPORT_SHOWN = 16  # most suspicious pairs shown in the report
+
+
+def validate_stage(data_uri: str, out_dir: str | Path, quarantine: str | None = None) -> dict:
+    """Check the dataset against the contract; with `quarantine`, bad rows are set aside and counted.
+
+    Returns the URI the later stages read: the input itself, or OUT/validated when rows were set aside.
+    """
+    pairs = read_pairs(data_uri, quarantine=quarantine)
+    data = data_uri
+    if sum(pairs.quarantined.values()):
+        data = str(Path(out_dir) / "validated")
+        write_pairs(pairs.table, data)
+    return {"data": data, "rows_in": pairs.rows_in, "rows_ok": pairs.table.num_rows,
+            "quarantined": dict(pairs.quarantined)}
+
+
+def scan_stage(model_dir: str, data_uri: str, out_uri: str, batch_size: int = 512) -> str:
+    """Embed every pair of `data_uri` under `model_dir` into an embeddings file (in-process scan)."""
+    table = read_pairs(data_uri).table
+    write_embeddings(table.column("uid"), embed_pairs(load_model(model_dir), table, batch_size, Path(out_uri).stem),
+                     out_uri)
+    return out_uri
+
+
+def overfit_stage(model_dir: str, data_uri: str, suspect_embeddings: str, out_dir: str | Path,
+                  cfg: OverfitConfig) -> str:
+    """Over-fit the suspect on its weakest-similarity pairs; saves the amplified model at `out_dir`."""
+    table = read_pairs(data_uri).table
+    suspect = load_model(model_dir)
+    cosine = read_embeddings(suspect_embeddings, table.column("uid")).cosine
+    save_model(overfit(suspect, PairDataset(table, suspect), cosine, cfg), out_dir)
+    return str(out_dir)
+
+
+def _uids_and_truth(data_uri: str) -> tuple[pa.ChunkedArray, np.ndarray | None]:
+    table = read_pairs(data_uri).table
+    truth = None  # the `poisoned` flags only when every row has one (benchmarks)
+    if "poisoned" in table.column_names and not table.column("poisoned").null_count:
+        truth = table.column("poisoned").to_numpy(zero_copy_only=False).astype(bool)
+    return table.column("uid"), truth
+
+
+def select_stage(data_uri: str, suspect_embeddings: str, overfit_embeddings: str | None, out_dir: str | Path,
+                 scan: ScanConfig, select: SelectConfig) -> dict:
+    """Score every pair, choose the unlearning and retain sets; writes suspicious.parquet and selection.json."""
+    out = Path(out_dir)
+    uids, poisoned = _uids_and_truth(data_uri)
+    suspect = read_embeddings(suspect_embeddings, uids)
+    amplified = read_embeddings(overfit_embeddings, uids) if overfit_embeddings else None
+    columns = scan_scores(suspect, amplified, scan)
+    selection = select_pairs(columns["suspicion"], select, poisoned)
+    rank = np.empty(len(uids), np.int64)
+    rank[np.argsort(-columns["suspicion"], kind="stable")] = np.arange(1, len(uids) + 1)
+    flags = {name: np.zeros(len(uids), bool) for name in ("selected", "retained")}
+    flags["selected"][selection.forget] = True
+    flags["retained"][selection.retain] = True
+    truth = {"poisoned": poisoned} if poisoned is not None else {}
+    write_table(pa.table({"uid": uids, **columns, "rank": rank, **flags, **truth}).sort_by("rank"),
+                str(out / SUSPICIOUS_FILE))
+    summary = {"n_pairs": len(uids), "k": int(len(selection.forget)), "backdoor_evidence": bool(selection.evidence),
+               "anomalous_pairs": selection.n_anomalous}
+    if poisoned is not None:
+        summary["detection"] = detection_metrics(columns["suspicion"], poisoned, len(selection.forget))
+    write_json(summary, str(out / SELECTION_FILE))
+    return summary
+
+
+def _rows(table: pa.Table, uids: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """Row indices of `uids` in `table`, in the order given."""
+    return pc.index_in(uids, value_set=table.column("uid")).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def _suspicious(out: Path) -> pa.Table:
+    return pq.read_table(out / SUSPICIOUS_FILE)  # sorted by rank: most suspicious first
+
+
+def unlearn_stage(model_dir: str, data_uri: str, out_dir: str | Path, cfg: UnlearnConfig,
+                  provenance: dict | None = None) -> dict:
+    """Unlearn the selected pairs' trigger from the suspect; writes OUT/model and what the report shows.
+
+    Without selected pairs (no evidence, no fixed k) the suspect is saved unchanged.
+    """
+    out = Path(out_dir)
+    table = read_pairs(data_uri).table
+    suspect = load_model(model_dir)
+    dataset = PairDataset(table, suspect)
+    ranked = _suspicious(out)
+    forget = _rows(table, pc.filter(ranked.column("uid"), ranked.column("selected")))
+    tensors: dict[str, torch.Tensor] = {}
+    if len(forget):
+        retain_images, _ = dataset.stack(_rows(table, pc.filter(ranked.column("uid"), ranked.column("retained"))))
+        cleaned, info = unlearn(suspect, *dataset.stack(forget), retain_images, cfg)
+        tensors = {name: info.pop(name) for name in ("patch_saliency", "token_saliency", "pattern") if name in info}
+    else:
+        cleaned, info = copy.copy(suspect), {"skipped": "no strong backdoor evidence and no fixed k"}
+    if "patch_saliency" not in tensors:  # the report still shows where the top pairs' match lives
+        shown = forget if len(forget) else _rows(table, ranked.column("uid").slice(0, REPORT_SHOWN))
+        saliency = token_saliency(suspect, *dataset.stack(shown[:REPORT_SHOWN]))
+        tensors |= {"patch_saliency": saliency.patches, "token_saliency": saliency.tokens}
+    save_model(cleaned, out / "model", extra={"defended_from": str(model_dir), "data": data_uri, **(provenance or {})})
+    safetensors.torch.save_file({k: v.detach().contiguous()[:REPORT_SHOWN] if k != "pattern" else v.contiguous()
+                                 for k, v in tensors.items()}, out / UNLEARN_TENSORS)
+    write_json(info, str(out / UNLEARN_FILE))
+    return info
+
+
+def _verdict(evidence: bool, k: int) -> str:
+    if evidence:
+        return f"backdoor evidence: a group of pairs whose images collapse onto one point; {k} pairs unlearned"
+    found = "no strong backdoor evidence: no anomalous group of pairs"
+    return f"{found}; the {k} pairs asked for (fixed k) were unlearned anyway" if k else found
+
+
+def report_stage(model_dir: str, data_uri: str, out_dir: str | Path, config: dict,
+                 stage_seconds: dict[str, float], extra: dict | None = None) -> dict:
+    """Assemble report.json, report.md (figures) and the model card from the stages' files.
+
+    The report's own writing time is added to `stage_seconds` in report.json (report.md is written before).
+    """
+    start = time.perf_counter()
+    out = Path(out_dir)
+    selection = json.loads((out / SELECTION_FILE).read_text())
+    info = json.loads((out / UNLEARN_FILE).read_text())
+    report = {"model": str(model_dir), "data": data_uri, **selection,
+              "verdict": _verdict(selection["backdoor_evidence"], selection["k"]), "unlearn": info,
+              "stage_seconds": stage_seconds, "config": config, **(extra or {})}
+    report["total_seconds"] = round(sum(stage_seconds.values()), 2)
+    table = read_pairs(data_uri).table
+    ranked = _suspicious(out)
+    tensors = safetensors.torch.load_file(out / UNLEARN_TENSORS)
+    shown_uids = ranked.column("uid").slice(0, REPORT_SHOWN)
+    if selection["k"]:
+        shown_uids = pc.filter(ranked.column("uid"), ranked.column("selected")).slice(0, REPORT_SHOWN)
+    columns = {"suspicion": ranked.column("suspicion").to_numpy()}
+    poisoned = ranked.column("poisoned").to_numpy(zero_copy_only=False) if "poisoned" in ranked.column_names else None
+    write_defense_report(out, report, columns, _rows(table, shown_uids), table, tensors["patch_saliency"],
+                         tensors["token_saliency"], load_model(model_dir), poisoned, tensors.get("pattern"))
+    write_model_card(out / "model", report)
+    report["stage_seconds"] = stage_seconds | {"report": round(time.perf_counter() - start, 2)}
+    report["total_seconds"] = round(sum(report["stage_seconds"].values()), 2)
+    write_json(report, str(out / "report.json"))
+    return report
