@@ -3,8 +3,9 @@
 validate -> scan_suspect -> overfit -> scan_overfit -> select -> unlearn -> evaluate -> report -> register.
 Task results are persisted and cached on the stage's inputs (upstream outputs by content digest), its
 config section and the code version, so re-running a flow after a failed stage resumes at that stage.
-MLflow gets one parent run per flow run and a child run per stage that actually ran. Intermediate
-files go to OUTPUT/work/<stage>-<digest>; the defended model and reports to OUTPUT as `ubt defend` writes them.
+MLflow gets one parent run per flow run and a child run per stage that actually ran. Stage files go to
+the run's stage dir (`work_dir`, or a local `output`): intermediates under work/<stage>-<digest>, the
+defended model and reports as `ubt defend` writes them, published to a remote `output` at the end.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from ubt_core.config import (
     load_run_config,
     redacted_config,
 )
+from ubt_core.data.contract import use_s3_endpoint
 from ubt_core.defense import stages
 from ubt_core.defense.overfit import OverfitConfig
 from ubt_core.defense.scan import ScanConfig
@@ -111,12 +113,18 @@ def evaluate(which: str, model_dir: str, model_digest: str, eval_uri: str, cfg: 
     return _tracked(ctx, f"evaluate_{which}", lambda *_: evaluate_model(model_dir, eval_uri, trigger, target))
 
 
+@task(retries=2)  # idempotent copies; object stores have transient faults
+def publish(stage_dir: str, output: str) -> list[str]:
+    return stages.publish_outputs(stage_dir, output)
+
+
 @task
 def report(cfg: RunConfig, data_uri: str, stage_seconds: dict[str, float], extra: dict, ctx: StageContext) -> dict:
     def body(tracker: Tracker, run_id: str) -> dict:
-        result = stages.report_stage(cfg.model, data_uri, cfg.output, cfg.defense.model_dump(), stage_seconds, extra)
-        for name in ("report.md", "report.json", *sorted(p.name for p in Path(cfg.output).glob("*.png"))):
-            tracker.log_artifact(run_id, Path(cfg.output) / name, "report")
+        stage_dir = Path(cfg.stage_dir)
+        result = stages.report_stage(cfg.model, data_uri, stage_dir, cfg.defense.model_dump(), stage_seconds, extra)
+        for name in ("report.md", "report.json", *sorted(p.name for p in stage_dir.glob("*.png"))):
+            tracker.log_artifact(run_id, stage_dir / name, "report")
         return result
     return _tracked(ctx, "report", body)
 
@@ -124,18 +132,20 @@ def report(cfg: RunConfig, data_uri: str, stage_seconds: dict[str, float], extra
 @task(cache_policy=CACHED - "lineage", persist_result=True)  # one version per defended model, not per flow run
 def register(cfg: RunConfig, model_digest: str, lineage: dict[str, str], code: str, ctx: StageContext) -> dict:
     return _tracked(ctx, "register", lambda tracker, run_id: {"version": tracker.register_model(
-        run_id, Path(cfg.output) / "model", cfg.mlflow.registered_model, lineage)})
+        run_id, Path(cfg.stage_dir) / "model", cfg.mlflow.registered_model, lineage)})
 
 
 def _tracking_uri(cfg: RunConfig) -> str:
-    return cfg.mlflow.tracking_uri or f"sqlite:///{(Path(cfg.output) / 'mlflow.db').resolve()}"
+    return cfg.mlflow.tracking_uri or f"sqlite:///{(Path(cfg.stage_dir) / 'mlflow.db').resolve()}"
 
 
 @flow(name="ubt-defend")
 def defend_flow(config_path: str | None = None, overrides: list[str] | None = None) -> dict:
     """UBT on a suspect model and its training pairs, as a DAG of cached stages; returns the report."""
     cfg = load_run_config(config_path, overrides or [])
-    out, work = Path(cfg.output), Path(cfg.output) / "work"
+    use_s3_endpoint(cfg.s3.endpoint_url)
+    out = Path(cfg.stage_dir)
+    work = out / "work"
     d, code = cfg.defense, code_version()
     # Ray Train keeps its stage checkpoints with the run's other outputs unless the config says otherwise
     ray = cfg.ray.model_copy(update={"storage_path": cfg.ray.storage_path or str((out / "ray").resolve())})
@@ -186,6 +196,8 @@ def defend_flow(config_path: str | None = None, overrides: list[str] | None = No
             "ubt.suspect_model": cfg.model, "ubt.dataset_uri": cfg.data.train, "ubt.dataset_digest": train_digest,
             "ubt.scan_run_id": suspect["run_id"], "ubt.code_version": code,
             "ubt.prefect_flow_run_id": str(flow_run.get_id())}, code, ctx)["value"]["version"]
+        if cfg.output != cfg.stage_dir:
+            publish(str(out), cfg.output)
         tracker.log_metrics(parent, {f"{which}_{k}": v[k] for which, v in evaluation.items()
                                      for k in ("ca", "asr", "ra") if k in v} | {"k": result["k"]})
     return result | {"registered_version": version, "mlflow_run_id": parent}

@@ -260,6 +260,21 @@ def _bench_import(args) -> None:
     print(run_import_bench(args.out, sizes, args.doc, command=" ".join(["ubt", *sys.argv[1:]])))
 
 
+def _add_bench_scan(sub) -> None:
+    p = sub.add_parser("bench-scan", help="benchmark: Ray Data scan vs the bare in-process loop, speed and memory")
+    p.add_argument("--out", required=True, help="work directory (generated pairs are reused)")
+    p.add_argument("--sizes", default="100000,1000000", help="comma-separated numbers of pairs")
+    p.add_argument("--doc", help="also write the table into this Markdown file, e.g. docs/performance.md")
+    p.set_defaults(func=_bench_scan)
+
+
+def _bench_scan(args) -> None:
+    from ubt_core.jobs.scan_bench import run_scan_bench
+
+    sizes = [int(s) for s in args.sizes.split(",")]
+    print(run_scan_bench(args.out, sizes, args.doc, command=" ".join(["ubt", *sys.argv[1:]])))
+
+
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="synth -> poison (BadNet) -> train backdoored model -> eval -> UBT defend -> eval")
     p.add_argument("--out", required=True)
@@ -270,13 +285,27 @@ def _add_demo(sub) -> None:
 
 
 def _demo(args) -> None:
-    from ubt_core.bench import BenchConfig, run_bench
-    from ubt_core.defense.bench import DefenseBenchConfig, run_defense_bench
+    for name, value in _PREFECT_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+    from flows.demo import demo_flow
+    from ubt_core.data.synth import SynthConfig
+    from ubt_core.train import TrainConfig
 
-    cfg = BenchConfig(attacks=["badnet"], clean_baseline=False, **_bench_overrides(args))
-    print(run_bench(args.out, cfg).markdown)
-    print(run_defense_bench(args.out, DefenseBenchConfig(attacks=["badnet"], rate=cfg.rate, clean_check=False),
-                            command=" ".join(["ubt", *sys.argv[1:]])))
+    report = demo_flow(args.out, SynthConfig(**_given(args, train_pairs="train_pairs", eval_images="eval_images")),
+                       TrainConfig(**_given(args, epochs="epochs")))
+    _print_defense(report)
+
+
+def _print_defense(report: dict) -> None:
+    """The defense's before/after table and where to look next."""
+    rows = [f"| {which} | {m['ca']:.3f} | {m['asr']:.3f} | {m['ra']:.3f} |"
+            for which, m in report["evaluation"].items()]
+    detection = report.get("detection")
+    found = (f"; detection precision {detection['precision_at_k']:.3f}, recall {detection['recall_at_k']:.3f}"
+             if detection else "")
+    print("\n".join(["| model | CA | ASR | RA |", "|---|---:|---:|---:|", *rows, "",
+                     f"{report['verdict']}{found}",
+                     f"MLflow run {report['mlflow_run_id']}, registered version {report['registered_version']}"]))
 
 
 def _add_bench(sub) -> None:
@@ -356,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("model", help="checkpoints: import").add_subparsers(required=True, metavar="COMMAND")
     _add_model_import(models)
     for add in (_add_poison, _add_train, _add_eval, _add_defend, _add_flow, _add_demo, _add_bench, _add_bench_defense,
-                _add_bench_import):
+                _add_bench_import, _add_bench_scan):
         add(sub)
     return parser
 

@@ -93,9 +93,10 @@ class RayConfig(BaseModel):
                              f"{self.num_cpus} for the data pipeline (Ray Train would hang); lower "
                              "cpus_per_worker (e.g. 0.5) or num_workers, or raise num_cpus")
         scan_cpus = self.scan_actors * self.cpus_per_actor
-        if scan_cpus > self.num_cpus:
-            raise ValueError(f"scan_actors x cpus_per_actor = {scan_cpus:g} exceeds num_cpus={self.num_cpus} (the "
-                             "actor pool would never start); lower one of them or raise num_cpus")
+        if scan_cpus >= self.num_cpus:
+            raise ValueError(f"scan_actors x cpus_per_actor = {scan_cpus:g} leaves no CPU of num_cpus={self.num_cpus} "
+                             "for Ray Data's read tasks (the scan would hang); lower cpus_per_actor (e.g. 0.5) or "
+                             "scan_actors, or raise num_cpus")
         return self
 
 
@@ -134,7 +135,10 @@ class RunConfig(BaseModel):
 
     data: DataConfig  # required: there is nothing to defend without the training pairs
     model: str  # required: suspect checkpoint dir (open_clip local-dir) or open_clip model name
-    output: str = "runs/ubt"  # local dir or s3:// URI; every stage writes under it
+    output: str = "runs/ubt"  # local dir or s3:// URI: the defended model, suspicious.parquet and the reports
+    # stage files (embeddings, over-fitted model, Ray checkpoints): a directory the driver and every Ray worker
+    # can read and write (local, or a shared mount on a cluster); None = `output`, which must then be local
+    work_dir: str | None = None
     seed: int = 0  # the run's base seed; stage sections keep their own seeds so ablations can vary one
     defense: DefenseConfig = Field(default_factory=DefenseConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
@@ -142,6 +146,22 @@ class RunConfig(BaseModel):
     prefect: PrefectConfig = Field(default_factory=PrefectConfig)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
     s3: S3Config = Field(default_factory=S3Config)
+
+    @model_validator(mode="after")
+    def _stage_files_are_on_a_filesystem(self) -> RunConfig:
+        # stages write checkpoints as directories of files, which object stores do not hold
+        if self.work_dir is not None and "://" in self.work_dir:
+            raise ValueError(f"`work_dir` {self.work_dir!r} must be a filesystem path (local or a shared mount), "
+                             "not an object-store URI; put remote results in `output`")
+        if self.work_dir is None and "://" in self.output:
+            raise ValueError(f"`output` {self.output!r} is remote, so stage files need a `work_dir`: set it to a "
+                             "local directory (or a mount every Ray worker shares)")
+        return self
+
+    @property
+    def stage_dir(self) -> str:
+        """Where the stages write their files: `work_dir`, or `output` when that is local."""
+        return self.work_dir or self.output
 
 
 # --- credentials ---------------------------------------------------------------------------------------------

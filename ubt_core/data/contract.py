@@ -12,9 +12,12 @@ given, go to that Parquet file with their reason and are counted; no row is ever
 from __future__ import annotations
 
 import json
+import os
 import posixpath
 import uuid
 from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -81,6 +84,13 @@ class PairSet:
     @property
     def rows_in(self) -> int:
         return self.table.num_rows + sum(self.quarantined.values())
+
+
+def use_s3_endpoint(endpoint_url: str | None) -> None:
+    """Point every s3:// read and write of this process (pyarrow, s3fs, Ray workers it starts) at an
+    S3-compatible server; None keeps AWS (or an AWS_ENDPOINT_URL already set)."""
+    if endpoint_url:
+        os.environ["AWS_ENDPOINT_URL"] = endpoint_url
 
 
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -214,15 +224,38 @@ def _with_reason(row: pa.Table, reason: str, path: str, index: int) -> pa.Table:
     return row
 
 
-def write_table(table: pa.Table, path: str) -> None:
-    """Write one Parquet file atomically (temporary name, then rename), local or s3://."""
+@contextmanager
+def parquet_writer(path: str) -> Iterator[Callable[[pa.Table], None]]:
+    """`with parquet_writer(path) as write: write(table); ...`: one Parquet file written in pieces (the first
+    piece sets the schema) under a temporary name, renamed into place only when the block completes."""
     fs, target = filesystem(path)
     parent = posixpath.dirname(target)
     fs.create_dir(parent, recursive=True)
     tmp = posixpath.join(parent, f".{posixpath.basename(target)}.{uuid.uuid4().hex}.tmp")
-    with fs.open_output_stream(tmp) as f:
-        pq.write_table(table, f)
+    writer = None
+    with fs.open_output_stream(tmp) as stream:
+        def write(table: pa.Table) -> None:
+            nonlocal writer
+            writer = writer or pq.ParquetWriter(stream, table.schema)
+            writer.write_table(table)
+        try:
+            yield write
+            if writer is None:
+                raise UbtError(f"{path}: nothing to write (no rows came in); check the input dataset.")
+            writer.close()
+        except BaseException:
+            if writer is not None:
+                writer.close()
+            stream.close()
+            fs.delete_file(tmp)
+            raise
     fs.move(tmp, target)
+
+
+def write_table(table: pa.Table, path: str) -> None:
+    """Write one Parquet file atomically (temporary name, then rename), local or s3://."""
+    with parquet_writer(path) as write:
+        write(table)
 
 
 def write_pairs(table: pa.Table, uri: str, *, rows_per_file: int = 10_000) -> list[str]:

@@ -16,13 +16,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
-from tqdm import tqdm
 
-from ubt_core.data.contract import filesystem, write_table
+from ubt_core.data.contract import filesystem
 from ubt_core.errors import UbtError
 from ubt_core.eval.zeroshot import encode_image_batch
 from ubt_core.models import LoadedModel
 
+SCANNED_COLUMNS = ("uid", "image", "caption")  # what a scan reads of each pair
 EMBEDDING_COLUMNS = ("uid", "image_emb", "text_emb")
 
 
@@ -57,22 +57,9 @@ def embed_batch(batch: pa.Table | pa.RecordBatch, loaded: LoadedModel) -> pa.Tab
     return pa.table({"uid": batch.column("uid"), "image_emb": _vectors(images), "text_emb": _vectors(texts)})
 
 
-def embed_pairs(loaded: LoadedModel, table: pa.Table, batch_size: int = 512, name: str = "") -> PairEmbeddings:
-    """Image and caption embeddings of every row of a contract table, in row order."""
-    parts = [embed_batch(batch, loaded) for batch in tqdm(table.to_batches(batch_size), desc=f"scan {name}".strip(),
-                                                          unit="batch", mininterval=2.0)]
-    return embeddings_of(pa.concat_tables(parts))
-
-
 def embeddings_of(table: pa.Table) -> PairEmbeddings:
     """The (N, D) matrices of an embeddings table, in its row order."""
     return PairEmbeddings(_matrix(table.column("image_emb")), _matrix(table.column("text_emb")))
-
-
-def write_embeddings(uids: pa.ChunkedArray | pa.Array, embeddings: PairEmbeddings, uri: str) -> None:
-    """Write an embeddings file (atomically) for rows with these uids."""
-    write_table(pa.table({"uid": uids, "image_emb": _vectors(embeddings.images),
-                          "text_emb": _vectors(embeddings.texts)}), uri)
 
 
 def read_embeddings(uri: str, uids: pa.ChunkedArray | pa.Array) -> PairEmbeddings:

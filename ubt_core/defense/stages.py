@@ -12,18 +12,29 @@ from __future__ import annotations
 
 import copy
 import json
+import posixpath
 import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import safetensors.torch
 import torch
+from tqdm import tqdm
 
-from ubt_core.data.contract import read_pairs, write_json, write_pairs, write_table
-from ubt_core.defense.embed import embed_pairs, read_embeddings, write_embeddings
+from ubt_core.data.contract import (
+    filesystem,
+    list_parquet_files,
+    parquet_writer,
+    read_pairs,
+    write_json,
+    write_pairs,
+    write_table,
+)
+from ubt_core.defense.embed import SCANNED_COLUMNS, embed_batch, read_embeddings
 from ubt_core.defense.overfit import OverfitConfig, overfit
 from ubt_core.defense.saliency import token_saliency
 from ubt_core.defense.scan import ScanConfig, scan_scores
@@ -39,6 +50,7 @@ SELECTION_FILE = "selection.json"
 UNLEARN_FILE = "unlearn.json"
 UNLEARN_TENSORS = "unlearn-tensors.safetensors"
 REPORT_SHOWN = 16  # most suspicious pairs shown in the report
+PUBLISHED = ("model", SUSPICIOUS_FILE, "report.json", "report.md")  # plus the report's figures (*.png)
 
 
 def validate_stage(data_uri: str, out_dir: str | Path, quarantine: str | None = None) -> dict:
@@ -56,10 +68,22 @@ def validate_stage(data_uri: str, out_dir: str | Path, quarantine: str | None = 
 
 
 def scan_stage(model_dir: str, data_uri: str, out_uri: str, batch_size: int = 512) -> str:
-    """Embed every pair of `data_uri` under `model_dir` into an embeddings file (in-process scan)."""
-    table = read_pairs(data_uri).table
-    write_embeddings(table.column("uid"), embed_pairs(load_model(model_dir), table, batch_size, Path(out_uri).stem),
-                     out_uri)
+    """Embed every pair of `data_uri` under `model_dir` into an embeddings file (the in-process scan).
+
+    Streams: batches are read, embedded and written one at a time, so memory does not grow with the data.
+    The data is read as it is; validate it first (`validate_stage`).
+    """
+    in_fs, files = list_parquet_files(data_uri)
+    loaded = load_model(model_dir)
+    sources = [pq.ParquetFile(in_fs.open_input_file(path)) for path in files]
+    progress = tqdm(total=sum(f.metadata.num_rows for f in sources), desc=f"scan {Path(out_uri).stem}",
+                    unit="pair", mininterval=2.0)
+    with parquet_writer(out_uri) as write:
+        for source in sources:
+            for batch in source.iter_batches(batch_size, columns=list(SCANNED_COLUMNS)):
+                write(embed_batch(batch, loaded))
+                progress.update(batch.num_rows)
+    progress.close()
     return out_uri
 
 
@@ -181,3 +205,19 @@ def report_stage(model_dir: str, data_uri: str, out_dir: str | Path, config: dic
     report["total_seconds"] = round(sum(report["stage_seconds"].values()), 2)
     write_json(report, str(out / "report.json"))
     return report
+
+
+def publish_outputs(stage_dir: str | Path, output_uri: str) -> list[str]:
+    """Copy the defense's results (model, ranked pairs, reports and figures) from `stage_dir` to `output_uri`.
+
+    `output_uri` may be an s3:// prefix; returns the URIs written.
+    """
+    stage = Path(stage_dir)
+    out_fs, out_root = filesystem(output_uri)
+    written = []
+    for path in [stage / name for name in PUBLISHED] + sorted(stage.glob("*.png")):
+        target = posixpath.join(out_root, path.name)
+        pafs.copy_files(str(path.resolve()), target, source_filesystem=pafs.LocalFileSystem(),
+                        destination_filesystem=out_fs)
+        written.append(target)
+    return written

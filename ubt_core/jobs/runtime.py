@@ -15,16 +15,25 @@ from ubt_core.models import LoadedModel, load_model
 _ENV_DEFAULTS = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0"}
 
 
+# S3 settings the driver has, which workers on other nodes need to read and write the same objects
+_S3_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION",
+           "AWS_DEFAULT_REGION")
+
+
 def ensure_ray(cfg: RayConfig) -> None:
-    """Connect to `cfg.address`, or start a local Ray sized by `cfg.num_cpus`; a no-op when already connected."""
+    """Connect to `cfg.address`, or start a local Ray sized by `cfg.num_cpus`; a no-op when already connected.
+
+    The driver's AWS_* variables travel to the workers in the job's runtime environment.
+    """
     if ray.is_initialized():
         return
     for name, value in _ENV_DEFAULTS.items():
         os.environ.setdefault(name, value)
+    runtime_env = {"env_vars": {name: os.environ[name] for name in _S3_ENV if name in os.environ}}
     if cfg.address is None:
-        ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=True)
+        ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=True, runtime_env=runtime_env)
     else:
-        ray.init(address=cfg.address, log_to_driver=True)
+        ray.init(address=cfg.address, log_to_driver=True, runtime_env=runtime_env)
 
 
 def checkpoint_bytes(model_dir: str) -> dict[str, bytes]:

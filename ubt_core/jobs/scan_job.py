@@ -20,7 +20,8 @@ import ray
 
 from ubt_core.config import RayConfig
 from ubt_core.data.contract import filesystem, list_parquet_files
-from ubt_core.defense.embed import embed_batch
+from ubt_core.defense.embed import SCANNED_COLUMNS, embed_batch
+from ubt_core.errors import UbtError
 from ubt_core.jobs.runtime import checkpoint_bytes, ensure_ray, load_checkpoint_bytes
 from ubt_core.models import LoadedModel
 
@@ -59,8 +60,12 @@ def run_scan_job(cfg: RayConfig, model_dir: str, data_uri: str, out_uri: str) ->
         out_fs.delete_dir(out_root)  # a crashed earlier attempt: its parts cannot be trusted
     in_fs, files = list_parquet_files(data_uri)  # the contract's file listing, and its clear errors
     ensure_ray(cfg)
+    cpus, asked = ray.cluster_resources().get("CPU", 0), cfg.scan_actors * cfg.cpus_per_actor
+    if asked >= cpus:  # the actors would hold every CPU and Ray Data's read tasks would wait forever
+        raise UbtError(f"ray.scan_actors x ray.cpus_per_actor = {asked:g} leaves none of the cluster's {cpus:g} CPUs "
+                       "for reading the data; lower ray.cpus_per_actor (e.g. 0.5) or ray.scan_actors.")
     checkpoint = ray.put(checkpoint_bytes(model_dir))
-    dataset = ray.data.read_parquet(files, filesystem=in_fs).select_columns(["uid", "image", "caption"])
+    dataset = ray.data.read_parquet(files, filesystem=in_fs).select_columns(list(SCANNED_COLUMNS))
     embedded = dataset.map_batches(
         _EmbedActor, fn_constructor_args=(checkpoint,), batch_size=cfg.scan_batch_size, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=cfg.scan_actors), num_cpus=cfg.cpus_per_actor,

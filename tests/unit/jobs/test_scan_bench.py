@@ -1,0 +1,28 @@
+"""The scan benchmark's measuring parts: process-tree memory and replicated pairs."""
+
+import os
+import subprocess
+import sys
+
+from ubt_core.data.contract import read_pairs
+from ubt_core.jobs.scan_bench import replicate_pairs, tree_rss_kib
+
+
+def test_tree_memory_counts_the_children():
+    child = subprocess.Popen([sys.executable, "-c", "import time; b = bytearray(200 * 2**20); time.sleep(30)"])
+    try:
+        for _ in range(100):  # until the child has touched its 200 MiB
+            if tree_rss_kib(child.pid) > 150 * 1024:
+                break
+            subprocess.run(["sleep", "0.1"])
+        assert tree_rss_kib(child.pid) > 150 * 1024
+        assert tree_rss_kib(os.getpid()) >= tree_rss_kib(child.pid) + 10 * 1024  # ours plus the child's
+    finally:
+        child.kill()
+
+
+def test_replicated_pairs_have_the_size_asked_and_unique_uids(tiny_world, tmp_path):
+    out = replicate_pairs(tiny_world["train"], str(tmp_path / "pairs"), 200)  # 80 pairs, copied 2.5 times
+    table = read_pairs(out).table  # the contract's reader refuses duplicate uids
+    assert table.num_rows == 200
+    assert replicate_pairs(tiny_world["train"], out, 200) == out  # a finished set is reused

@@ -1,0 +1,144 @@
+"""Scan throughput: the Ray Data scan job against the bare single-process loop over the same Parquet and model.
+
+`ubt bench-scan` replicates the synthetic training pairs to each size (fresh uids), then runs each
+method in a fresh process while sampling the resident memory of that process and all its children
+(Ray's GCS, raylet and workers included). The bare loop is `ubt_core.defense.stages.scan_stage`, the
+in-process scan `ubt defend` uses. Writes the table into docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections import defaultdict
+from datetime import date
+from pathlib import Path
+
+import pyarrow as pa
+
+from ubt_core.bench import write_doc_section
+from ubt_core.data.contract import read_pairs, write_pairs
+from ubt_core.data.synth import SynthConfig, synth_benchmark
+from ubt_core.errors import UbtError
+from ubt_core.models import create_model, save_model
+
+# Ray is started before the clock: a cluster is already running when a scan is submitted to it
+_CHILD = """
+import json, sys, time
+method, model, data, out, batch, actors = sys.argv[1:7]
+if method == "bare":
+    from ubt_core.defense.stages import scan_stage
+    start = time.perf_counter()
+    scan_stage(model, data, out, int(batch))
+else:
+    from ubt_core.config import RayConfig
+    from ubt_core.jobs import ensure_ray, run_scan_job
+    # half a CPU per actor: actors holding every CPU would starve Ray Data's read tasks
+    cfg = RayConfig(scan_actors=int(actors), cpus_per_actor=0.5, scan_batch_size=int(batch))
+    ensure_ray(cfg)
+    start = time.perf_counter()
+    run_scan_job(cfg, model, data, out)
+print(json.dumps({"seconds": time.perf_counter() - start}))
+"""
+SAMPLE_SECONDS = 0.25
+
+
+def tree_rss_kib(root: int) -> int:
+    """Resident memory (KiB) of process `root` and all its descendants, from /proc."""
+    children = defaultdict(list)
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            children[int(stat.read_text().rsplit(")", 1)[1].split()[1])].append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue  # the process ended while we looked
+    total, stack = 0, [root]
+    while stack:
+        pid = stack.pop()
+        stack += children.get(pid, [])
+        try:
+            status = Path(f"/proc/{pid}/status").read_text().splitlines()
+            total += next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+        except (OSError, StopIteration):
+            continue
+    return total
+
+
+def _run_measured(args: list[str]) -> dict:
+    """Run the child; returns its JSON line plus the peak RSS of its process tree."""
+    env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    proc = subprocess.Popen([sys.executable, "-c", _CHILD, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    peak = 0
+
+    def sample() -> None:
+        nonlocal peak
+        while proc.poll() is None:
+            peak = max(peak, tree_rss_kib(proc.pid))
+            time.sleep(SAMPLE_SECONDS)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    out, err = proc.communicate()
+    sampler.join()
+    if proc.returncode:
+        raise UbtError(f"scan benchmark child ({args[0]}) failed:\n{err[-2000:]}")
+    return json.loads(out.strip().splitlines()[-1]) | {"peak_rss_kib": peak}
+
+
+def replicate_pairs(source_uri: str, out_uri: str, rows: int) -> str:
+    """`rows` pairs made of copies of `source_uri`'s pairs with fresh uids (10,000 rows per file)."""
+    if (Path(out_uri) / "done").is_file():
+        return out_uri
+    table = read_pairs(source_uri).table.select(["uid", "image", "caption"])
+    copies, uids = [], table.column("uid").to_pylist()
+    for rep in range(-(-rows // table.num_rows)):
+        copy = table.set_column(0, "uid", pa.array([f"{uid}-r{rep}" for uid in uids]))
+        copies.append(copy)
+    write_pairs(pa.concat_tables(copies).slice(0, rows), out_uri)
+    (Path(out_uri) / "done").write_text("")
+    return out_uri
+
+
+def run_scan_bench(work_dir: str, sizes: list[int], doc: str | None = None, command: str | None = None,
+                   batch_size: int = 256) -> str:
+    """Time and measure both scans at each size; returns the Markdown table."""
+    work = Path(work_dir)
+    source = work / "world" / "train"
+    if not source.is_dir():
+        synth_benchmark(str(work / "world"), SynthConfig())
+    model = work / "model"
+    if not model.is_dir():
+        save_model(create_model("ubt-tiny"), model)  # throughput does not depend on the weights
+    cores = os.cpu_count() or 1
+    rows, results = [], {}
+    for n in sorted(sizes):
+        data = replicate_pairs(str(source), str(work / f"pairs-{n}"), n)
+        for method in ("bare", "ray"):
+            out = work / f"scan-{method}-{n}"
+            results[method, n] = _run_measured([method, str(model), data, str(out / "embeddings.parquet"),
+                                                str(batch_size), str(cores)])
+            shutil.rmtree(out)
+        bare, ray = results["bare", n], results["ray", n]
+        for method, r in (("bare loop (1 process)", bare), (f"Ray Data ({cores} actors)", ray)):
+            rows.append(f"| {n:,} | {method} | {r['seconds']:.1f} | {n / r['seconds']:,.0f} | "
+                        f"{r['peak_rss_kib'] / 1024:,.0f} |")
+        rows.append(f"| {n:,} | Ray / bare | | **{bare['seconds'] / ray['seconds']:.2f}×** | |")
+    smallest, largest = min(sizes), max(sizes)
+    growth = " ".join(f"{m}: {results[m, largest]['peak_rss_kib'] / results[m, smallest]['peak_rss_kib']:.2f}×"
+                      for m in ("bare", "ray"))
+    table = "\n".join([
+        f"Command: `{command or 'ubt bench-scan'}`  ",
+        f"Machine: {platform.machine()}, {cores} CPUs; measured {date.today().isoformat()}; ubt-tiny, "
+        f"batch {batch_size}", "",
+        "| pairs | scan | seconds | pairs / s | peak RSS of the process tree (MiB) |",
+        "|---:|---|---:|---:|---:|", *rows, "",
+        f"Peak memory at {largest:,} pairs ÷ at {smallest:,}: {growth}", ""])
+    if doc:
+        write_doc_section(Path(doc), "scan:throughput", table)
+    return table
