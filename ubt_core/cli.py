@@ -245,12 +245,16 @@ def _bench_defense(args) -> None:
     print(run_defense_bench(args.out, cfg, doc=args.doc, command=" ".join(["ubt", *sys.argv[1:]])))
 
 
-def _add_bench_import(sub) -> None:
-    p = sub.add_parser("bench-import", help="peak memory and speed of importing WebDataset shards as input grows")
-    p.add_argument("--out", required=True, help="work directory (generated shards are reused)")
-    p.add_argument("--sizes", default="100000,1000000", help="comma-separated numbers of pairs")
-    p.add_argument("--doc", help="also write the table into this Markdown file, e.g. docs/performance.md")
-    p.set_defaults(func=_bench_import)
+def _add_size_benches(sub) -> None:
+    """Benchmarks that grow a generated input through --sizes and write one table."""
+    for name, help_text, func in (
+            ("bench-import", "peak memory and speed of importing WebDataset shards as input grows", _bench_import),
+            ("bench-scan", "Ray Data scan vs the bare in-process loop: speed and peak memory", _bench_scan)):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--out", required=True, help="work directory (generated inputs are reused)")
+        p.add_argument("--sizes", default="100000,1000000", help="comma-separated numbers of pairs")
+        p.add_argument("--doc", help="also write the table into this Markdown file, e.g. docs/performance.md")
+        p.set_defaults(func=func)
 
 
 def _bench_import(args) -> None:
@@ -258,14 +262,6 @@ def _bench_import(args) -> None:
 
     sizes = [int(s) for s in args.sizes.split(",")]
     print(run_import_bench(args.out, sizes, args.doc, command=" ".join(["ubt", *sys.argv[1:]])))
-
-
-def _add_bench_scan(sub) -> None:
-    p = sub.add_parser("bench-scan", help="benchmark: Ray Data scan vs the bare in-process loop, speed and memory")
-    p.add_argument("--out", required=True, help="work directory (generated pairs are reused)")
-    p.add_argument("--sizes", default="100000,1000000", help="comma-separated numbers of pairs")
-    p.add_argument("--doc", help="also write the table into this Markdown file, e.g. docs/performance.md")
-    p.set_defaults(func=_bench_scan)
 
 
 def _bench_scan(args) -> None:
@@ -385,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("model", help="checkpoints: import").add_subparsers(required=True, metavar="COMMAND")
     _add_model_import(models)
     for add in (_add_poison, _add_train, _add_eval, _add_defend, _add_flow, _add_demo, _add_bench, _add_bench_defense,
-                _add_bench_import, _add_bench_scan):
+                _add_size_benches):
         add(sub)
     return parser
 
