@@ -53,7 +53,7 @@ def benchmark_flow(out: str = "runs/bench-flow", attacks: list[str] | None = Non
                    target: str = "star", seed: int = 0, synth_cfg: SynthConfig | None = None,
                    train_cfg: TrainConfig | None = None, ray_cfg: RayConfig | None = None) -> dict[str, dict]:
     """Backdoored models for `attacks` (default: BadNet) on the synthetic world; returns each one's metrics."""
-    root, code = Path(out), code_version()
+    root, code = Path(out).resolve(), code_version()  # Ray workers run in their own working directory
     ray = ray_cfg or RayConfig()
     world = synth(str(root / "world"), synth_cfg or SynthConfig(seed=seed), code)
     train_digest = dataset_digest(world["train"])

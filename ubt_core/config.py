@@ -314,7 +314,7 @@ def load_run_config(path: str | Path | None, overrides: Sequence[str] = ()) -> R
                        f"the environment ({_CREDENTIAL_ENV}) or the platform's secret store. Remove "
                        f"{'this key' if len(secrets) == 1 else 'these keys'}.")
     try:
-        return RunConfig.model_validate(raw)
+        return _with_absolute_paths(RunConfig.model_validate(raw))
     except ValidationError as e:
         lines = [_format_error(err, overridden) for err in e.errors()]
         if len(lines) == 1:
@@ -348,6 +348,21 @@ def _redact_uri(text: str) -> str:
     if netloc == parts.netloc and query == parts.query:
         return text  # untouched strings come back byte for byte
     return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+def _absolute(path: str | None) -> str | None:
+    return path if path is None or "://" in path else str(Path(path).resolve())
+
+
+def _with_absolute_paths(cfg: RunConfig) -> RunConfig:
+    """Local paths resolved against the current directory: Ray workers and Prefect workers run elsewhere."""
+    model = _absolute(cfg.model) if "/" in cfg.model or Path(cfg.model).exists() else cfg.model  # or a model name
+    return cfg.model_copy(update={
+        "model": model, "output": _absolute(cfg.output), "work_dir": _absolute(cfg.work_dir),
+        "data": cfg.data.model_copy(update={k: _absolute(getattr(cfg.data, k))
+                                            for k in ("train", "eval", "quarantine")}),
+        "eval": cfg.eval.model_copy(update={"trigger_from": _absolute(cfg.eval.trigger_from)}),
+        "ray": cfg.ray.model_copy(update={"storage_path": _absolute(cfg.ray.storage_path)})})
 
 
 def redact_value(value: Any) -> Any:

@@ -35,10 +35,12 @@ def _error(path, overrides=(), text=None) -> str:
     return str(info.value)
 
 
-def test_minimal_yaml_gets_every_default(minimal):
+def test_minimal_yaml_gets_every_default(minimal, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # local paths come back absolute: Ray workers run in another directory
     cfg = load_run_config(minimal)
-    assert cfg.data.train == "runs/demo/data/poisoned-badnet" and cfg.model == "runs/demo/suspect"
-    assert cfg.data.eval is None and cfg.output == "runs/ubt" and cfg.seed == 0
+    assert cfg.data.train == f"{tmp_path}/runs/demo/data/poisoned-badnet"
+    assert cfg.model == f"{tmp_path}/runs/demo/suspect"
+    assert cfg.data.eval is None and cfg.output == f"{tmp_path}/runs/ubt" and cfg.seed == 0
     assert cfg.defense == DefenseConfig()
     assert cfg.ray.address is None and cfg.ray.scan_batch_size == 256 and cfg.ray.cpus_per_worker == 1.0
     assert cfg.prefect.retries == 1 and cfg.mlflow.experiment == "ubt" and cfg.s3.endpoint_url is None
@@ -134,7 +136,7 @@ def test_redaction_masks_passwords_and_signed_query_strings(minimal):
 def test_flatten_config_gives_dotted_string_params(minimal):
     flat = flatten_config(redacted_config(load_run_config(minimal)))
     assert flat["defense.unlearn.steps"] == "100" and flat["data.eval"] == "null"
-    assert flat["data.train"] == "runs/demo/data/poisoned-badnet" and flat["ray.use_gpu"] == "false"
+    assert flat["data.train"].endswith("/runs/demo/data/poisoned-badnet") and flat["ray.use_gpu"] == "false"
     assert all(isinstance(v, str) for v in flat.values())
     assert flatten_config({"a": {"b": {"c": [1, 2]}}, "d": {}}) == {"a.b.c": "[1, 2]", "d": "{}"}
 
@@ -154,3 +156,11 @@ def test_every_shipped_run_config_validates():
     assert len(shipped) == 1  # update when adding a run config; guards against the walk missing files
     for path in shipped:
         assert isinstance(load_run_config(path), RunConfig), path
+
+
+def test_a_model_name_stays_a_name_and_remote_uris_stay_remote(minimal):
+    cfg = load_run_config(minimal, ["model=ubt-tiny", "data.train=s3://bucket/pairs", "output=s3://b/o",
+                                    "work_dir=w"])
+    assert cfg.model == "ubt-tiny" and cfg.data.train == "s3://bucket/pairs" and cfg.output == "s3://b/o"
+    assert cfg.work_dir.startswith("/") and cfg.stage_dir == cfg.work_dir
+

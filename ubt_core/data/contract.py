@@ -104,12 +104,17 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
 def list_parquet_files(uri: str) -> tuple[pafs.FileSystem, list[str]]:
     """The Parquet files of a dataset directory, sorted by name; raises if there are none."""
     fs, root = filesystem(uri)
-    info = fs.get_file_info(root)
+    try:
+        info = fs.get_file_info(root)
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=False)) if info.type == pafs.FileType.Directory \
+            else []
+    except OSError as e:  # unreachable endpoint, denied or missing credentials
+        raise DataContractError(f"{uri}: cannot list the dataset ({e}); check the address, the S3 endpoint "
+                                "(s3.endpoint_url or AWS_ENDPOINT_URL) and the AWS_* credentials.") from e
     if info.type == pafs.FileType.NotFound:
         raise DataContractError(f"{uri}: no such dataset directory; check the path or run `ubt data synth`.")
     if info.type == pafs.FileType.File:
         return fs, [root]
-    infos = fs.get_file_info(pafs.FileSelector(root, recursive=False))
     files = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
     if not files:
         raise DataContractError(f"{uri}: no .parquet files in this directory; is it the right dataset?")

@@ -91,6 +91,9 @@ def _train_worker(config: dict) -> dict:
         state |= {"epoch": epoch, "attempt": attempt, "history": [*state["history"], metrics],
                   "seconds": state["seconds"] + time.perf_counter() - start}
         start = time.perf_counter()
+        if rank == 0:  # progress: Ray forwards worker output to the driver's console
+            print(f"train epoch {epoch + 1}/{cfg.epochs}: loss {loss:.3f}, lr {metrics['lr']:.2e}, "
+                  f"{state['steps']} steps, {state['seconds']:.0f} s", flush=True)
         _report(metrics, loaded, optimizer, scheduler, state, rank, config["tracking"])
     return {k: state[k] for k in ("history", "steps", "seconds")}
 
@@ -141,6 +144,7 @@ def run_train_job(ray_cfg: RayConfig, train_cfg: TrainConfig, data_uri: str, out
         training (same config and data), which is then not redone. A crashed earlier job resumes.
     """
     out = Path(out_dir).resolve()
+    data_uri = data_uri if "://" in data_uri else str(Path(data_uri).resolve())  # workers run in their own cwd
     train = train_cfg.model_dump(mode="json")
     done = _lineage(out)
     if done is not None and done.get("trained_on") == data_uri and done.get("train_config") == train:
