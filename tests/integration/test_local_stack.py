@@ -75,7 +75,8 @@ def test_component_that_dies_is_named_with_its_log(local_stack_module, tmp_path)
 
 def test_prefect_api_is_healthy(local_stack):
     assert _get_json(f"{local_stack.prefect_api_url}/health") is True
-    assert _get_json(f"{local_stack.prefect_api_url}/flows/filter", {}) == []  # a fresh database answers
+    flows = _get_json(f"{local_stack.prefect_api_url}/flows/filter", {})  # the database answers a query
+    assert isinstance(flows, list) and all("name" in flow for flow in flows)  # other tests may have run flows
 
 
 def test_mlflow_server_logs_a_run_with_an_artifact_to_s3(local_stack, tmp_path):
