@@ -87,7 +87,7 @@ def overfit(model_dir: str, model_digest: str, data_uri: str, data_digest: str, 
 
 
 @task(cache_policy=CACHED, persist_result=True)
-def select(data_uri: str, data_digest: str, suspect: str, amplified: str | None, scans: list[str], out: str,
+def select(data_uri: str, data_digest: str, suspect: str, amplified: str | None, out: str,
            scan_cfg: ScanConfig, select_cfg: SelectConfig, code: str, ctx: StageContext) -> dict:
     def body(tracker: Tracker, run_id: str) -> dict:
         summary = stages.select_stage(data_uri, suspect, amplified, out, scan_cfg, select_cfg)
@@ -179,9 +179,7 @@ def defend_flow(config_path: str | None = None, overrides: list[str] | None = No
                                       str(work / f"embeddings-overfit-{over_digest}"), code, ray, ctx)
             seconds |= {"overfit": over["seconds"], "scan_overfit": amplified["seconds"]}
         selected = tasks["select"](data, data_digest, suspect["value"]["out_uri"],
-                                   amplified and amplified["value"]["out_uri"],
-                                   [suspect["run_id"], amplified and amplified["run_id"]], str(out), d.scan, d.select,
-                                   code, ctx)
+                                   amplified and amplified["value"]["out_uri"], str(out), d.scan, d.select, code, ctx)
         cleaned = tasks["unlearn"](cfg.model, suspect_digest, data, data_digest, selected["value"]["digest"], str(out),
                                    d.unlearn, code, ray, ctx)
         seconds |= {"select": selected["seconds"], "unlearn": cleaned["seconds"]}
