@@ -26,6 +26,9 @@ from ubt_core.jobs.runtime import checkpoint_bytes, ensure_ray, load_checkpoint_
 from ubt_core.models import LoadedModel
 
 SUCCESS = "_SUCCESS"
+# Ray Data's parquet reader packs files into blocks of up to 128 MiB, so a 10^5-pair dataset is one
+# block: one actor works while the others idle. Small blocks spread the pairs over the whole pool.
+SCAN_BLOCK_BYTES = 8 * 1024**2
 
 
 @dataclass
@@ -50,6 +53,16 @@ def _complete(fs: pafs.FileSystem, root: str) -> bool:
     return fs.get_file_info(posixpath.join(root, SUCCESS)).type == pafs.FileType.File
 
 
+def _read_in_small_blocks(files: list[str], fs: pafs.FileSystem) -> ray.data.Dataset:
+    """`read_parquet` with SCAN_BLOCK_BYTES blocks (the dataset keeps a copy of the context it was made with)."""
+    context = ray.data.DataContext.get_current()
+    default, context.target_max_block_size = context.target_max_block_size, SCAN_BLOCK_BYTES
+    try:
+        return ray.data.read_parquet(files, filesystem=fs)
+    finally:
+        context.target_max_block_size = default
+
+
 def run_scan_job(cfg: RayConfig, model_dir: str, data_uri: str, out_uri: str) -> ScanSummary:
     """Embed every pair of `data_uri` under `model_dir` with Ray Data; writes the embeddings dir `out_uri`."""
     start = time.perf_counter()
@@ -65,7 +78,7 @@ def run_scan_job(cfg: RayConfig, model_dir: str, data_uri: str, out_uri: str) ->
         raise UbtError(f"ray.scan_actors x ray.cpus_per_actor = {asked:g} leaves none of the cluster's {cpus:g} CPUs "
                        "for reading the data; lower ray.cpus_per_actor (e.g. 0.5) or ray.scan_actors.")
     checkpoint = ray.put(checkpoint_bytes(model_dir))
-    dataset = ray.data.read_parquet(files, filesystem=in_fs).select_columns(list(SCANNED_COLUMNS))
+    dataset = _read_in_small_blocks(files, in_fs).select_columns(list(SCANNED_COLUMNS))
     embedded = dataset.map_batches(
         _EmbedActor, fn_constructor_args=(checkpoint,), batch_size=cfg.scan_batch_size, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=cfg.scan_actors), num_cpus=cfg.cpus_per_actor,
