@@ -31,7 +31,8 @@ from ubt_core.models import create_model, save_model
 # Ray is started before the clock: a cluster is already running when a scan is submitted to it
 _CHILD = """
 import json, sys, time
-method, model, data, out, batch, actors = sys.argv[1:7]
+from pathlib import Path
+method, model, data, out, batch, actors, result = sys.argv[1:8]
 if method == "bare":
     from ubt_core.defense.stages import scan_stage
     start = time.perf_counter()
@@ -44,7 +45,7 @@ else:
     ensure_ray(cfg)
     start = time.perf_counter()
     run_scan_job(cfg, model, data, out)
-print(json.dumps({"seconds": time.perf_counter() - start}))
+Path(result).write_text(json.dumps({"seconds": time.perf_counter() - start}))
 """
 SAMPLE_SECONDS = 0.25
 
@@ -69,11 +70,32 @@ def tree_rss_kib(root: int) -> int:
     return total
 
 
-def _run_measured(args: list[str]) -> dict:
-    """Run the child; returns its JSON line plus the peak RSS of its process tree."""
+def _run_measured(args: list[str], result: Path) -> dict:
+    """Run the child; returns the seconds it wrote to `result` plus the peak RSS of its process tree.
+
+    The measurement is kept beside `result` (`.measured.json`) and reused by a later run, so a failure at a
+    larger size does not lose the smaller ones; delete it to measure again.
+    """
+    measured = result.with_suffix(".measured.json")
+    if measured.is_file():
+        return json.loads(measured.read_text())
     env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_USAGE_STATS_ENABLED": "0"}
-    proc = subprocess.Popen([sys.executable, "-c", _CHILD, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env)
+    result.unlink(missing_ok=True)
+    # the child's output goes to a log file (Ray workers write to it too, and a pipe nobody reads could fill)
+    with open(result.with_suffix(".log"), "w") as log:
+        proc = subprocess.Popen([sys.executable, "-c", _CHILD, *args, str(result)], stdout=log,
+                                stderr=subprocess.STDOUT, env=env)
+        peak = _peak_rss_while_running(proc)
+    if proc.returncode or not result.is_file():
+        tail = result.with_suffix(".log").read_text()[-2000:]
+        raise UbtError(f"scan benchmark child ({args[0]}) failed (exit {proc.returncode}); its log ends:\n{tail}")
+    value = json.loads(result.read_text()) | {"peak_rss_kib": peak}
+    measured.write_text(json.dumps(value))
+    return value
+
+
+def _peak_rss_while_running(proc: subprocess.Popen) -> int:
+    """Largest resident memory of `proc` and its descendants, sampled until it exits."""
     peak = 0
 
     def sample() -> None:
@@ -84,11 +106,9 @@ def _run_measured(args: list[str]) -> dict:
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    out, err = proc.communicate()
+    proc.wait()
     sampler.join()
-    if proc.returncode:
-        raise UbtError(f"scan benchmark child ({args[0]}) failed:\n{err[-2000:]}")
-    return json.loads(out.strip().splitlines()[-1]) | {"peak_rss_kib": peak}
+    return peak
 
 
 def replicate_pairs(source_uri: str, out_uri: str, rows: int) -> str:
@@ -122,8 +142,8 @@ def run_scan_bench(work_dir: str, sizes: list[int], doc: str | None = None, comm
         for method in ("bare", "ray"):
             out = work / f"scan-{method}-{n}"
             results[method, n] = _run_measured([method, str(model), data, str(out / "embeddings.parquet"),
-                                                str(batch_size), str(cores)])
-            shutil.rmtree(out)
+                                                str(batch_size), str(cores)], work / f"{method}-{n}.json")
+            shutil.rmtree(out, ignore_errors=True)
         bare, ray = results["bare", n], results["ray", n]
         for method, r in (("bare loop (1 process)", bare), (f"Ray Data ({cores} actors)", ray)):
             rows.append(f"| {n:,} | {method} | {r['seconds']:.1f} | {n / r['seconds']:,.0f} | "
