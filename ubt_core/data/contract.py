@@ -207,6 +207,15 @@ def read_pairs(uri: str, *, quarantine: str | None = None, n_classes: int | None
     return PairSet(pa.concat_tables(good), files, reasons)
 
 
+def read_checked_pairs(uri: str) -> pa.Table:
+    """A dataset that already passed `read_pairs` (an earlier stage validated it), without checking every row again.
+
+    File-level checks (readable Parquet, schema) still apply; rows are not decoded.
+    """
+    fs, files = list_parquet_files(uri)
+    return pa.concat_tables([_conform(_read_file(fs, path), path) for path in files])
+
+
 def _conform(table: pa.Table, path: str) -> pa.Table:
     """Cast to the canonical schema; absent optional columns become nulls."""
     columns = []

@@ -10,7 +10,6 @@ Files under OUT: `validated/` (only when rows were quarantined), `embeddings-sus
 
 from __future__ import annotations
 
-import copy
 import json
 import posixpath
 import time
@@ -29,6 +28,7 @@ from ubt_core.data.contract import (
     filesystem,
     list_parquet_files,
     parquet_writer,
+    read_checked_pairs,
     read_pairs,
     write_json,
     write_pairs,
@@ -90,7 +90,7 @@ def scan_stage(model_dir: str, data_uri: str, out_uri: str, batch_size: int = 51
 def overfit_stage(model_dir: str, data_uri: str, suspect_embeddings: str, out_dir: str | Path,
                   cfg: OverfitConfig) -> str:
     """Over-fit the suspect on its weakest-similarity pairs; saves the amplified model at `out_dir`."""
-    table = read_pairs(data_uri).table
+    table = read_checked_pairs(data_uri)  # validate_stage checked every row
     suspect = load_model(model_dir)
     cosine = read_embeddings(suspect_embeddings, table.column("uid")).cosine
     save_model(overfit(suspect, PairDataset(table, suspect), cosine, cfg), out_dir)
@@ -98,7 +98,7 @@ def overfit_stage(model_dir: str, data_uri: str, suspect_embeddings: str, out_di
 
 
 def _uids_and_truth(data_uri: str) -> tuple[pa.ChunkedArray, np.ndarray | None]:
-    table = read_pairs(data_uri).table
+    table = read_checked_pairs(data_uri)  # validate_stage checked every row
     truth = None  # the `poisoned` flags only when every row has one (benchmarks)
     if "poisoned" in table.column_names and not table.column("poisoned").null_count:
         truth = table.column("poisoned").to_numpy(zero_copy_only=False).astype(bool)
@@ -146,7 +146,7 @@ def unlearn_stage(model_dir: str, data_uri: str, out_dir: str | Path, cfg: Unlea
     Without selected pairs (no evidence, no fixed k) the suspect is saved unchanged.
     """
     out = Path(out_dir)
-    table = read_pairs(data_uri).table
+    table = read_checked_pairs(data_uri)  # validate_stage checked every row
     suspect = load_model(model_dir)
     dataset = PairDataset(table, suspect)
     ranked = _suspicious(out)
@@ -157,7 +157,7 @@ def unlearn_stage(model_dir: str, data_uri: str, out_dir: str | Path, cfg: Unlea
         cleaned, info = unlearn(suspect, *dataset.stack(forget), retain_images, cfg)
         tensors = {name: info.pop(name) for name in ("patch_saliency", "token_saliency", "pattern") if name in info}
     else:
-        cleaned, info = copy.copy(suspect), {"skipped": "no strong backdoor evidence and no fixed k"}
+        cleaned, info = suspect, {"skipped": "no strong backdoor evidence and no fixed k"}
     if "patch_saliency" not in tensors:  # the report still shows where the top pairs' match lives
         shown = forget if len(forget) else _rows(table, ranked.column("uid").slice(0, REPORT_SHOWN))
         saliency = token_saliency(suspect, *dataset.stack(shown[:REPORT_SHOWN]))
@@ -190,7 +190,7 @@ def report_stage(model_dir: str, data_uri: str, out_dir: str | Path, config: dic
               "verdict": _verdict(selection["backdoor_evidence"], selection["k"]), "unlearn": info,
               "stage_seconds": stage_seconds, "config": config, **(extra or {})}
     report["total_seconds"] = round(sum(stage_seconds.values()), 2)
-    table = read_pairs(data_uri).table
+    table = read_checked_pairs(data_uri)  # validate_stage checked every row
     ranked = _suspicious(out)
     tensors = safetensors.torch.load_file(out / UNLEARN_TENSORS)
     shown_uids = ranked.column("uid").slice(0, REPORT_SHOWN)

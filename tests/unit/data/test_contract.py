@@ -22,6 +22,7 @@ from ubt_core.data.contract import (
     CONVERT_HINT,
     PAIR_SCHEMA,
     DataContractError,
+    read_checked_pairs,
     read_eval_set,
     read_pairs,
     write_pairs,
@@ -96,6 +97,16 @@ def test_write_then_read_round_trips_rows_in_order_across_files(pairs, dataset_d
     assert ps.table["image"].to_pylist() == table["image"].to_pylist()
     assert ps.quarantined == Counter()
     assert ps.rows_in == 7
+
+
+def test_checked_read_gives_the_validated_table_without_decoding_rows(pairs, dataset_dir, tmp_path):
+    write_pairs(pairs(7), str(dataset_dir), rows_per_file=3)
+    assert read_checked_pairs(str(dataset_dir)).equals(read_pairs(str(dataset_dir)).table)
+    broken = pairs(2, image=[b"not an image", b"nor this"])
+    write_pairs(broken, str(tmp_path / "broken"))
+    assert read_checked_pairs(str(tmp_path / "broken")).num_rows == 2  # rows are not checked again
+    with pytest.raises(DataContractError):
+        read_checked_pairs(str(tmp_path / "missing"))
 
 
 def test_large_string_and_large_binary_columns_are_accepted(pairs, write_parquet, dataset_dir):
