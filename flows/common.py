@@ -5,20 +5,12 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-import ubt_core
 from ubt_core.models.checkpoint import WEIGHTS_NAME
+from ubt_core.provenance import code_version
+
+__all__ = ["checkpoint_digest", "code_version", "file_digest"]
 
 _CHUNK = 1 << 20
-
-
-def code_version() -> str:
-    """`ubt_core` version plus a digest of its source: a code change invalidates every cached stage."""
-    digest = hashlib.sha256()
-    root = Path(ubt_core.__file__).parent
-    for path in sorted(root.rglob("*.py")):
-        digest.update(path.relative_to(root).as_posix().encode())
-        digest.update(path.read_bytes())
-    return f"{ubt_core.__version__}+{digest.hexdigest()[:12]}"
 
 
 def file_digest(path: str | Path) -> str:

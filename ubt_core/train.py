@@ -90,17 +90,22 @@ def warmup_cosine(warmup: int, total: int):
     return factor
 
 
-def train_step(model, images, texts, loss_fn, optimizer, scheduler, max_logit_scale: float) -> dict[str, float]:
-    """One optimisation step on a batch of pairs; returns the named loss terms."""
-    model.train()
-    image_features, text_features, logit_scale = model(images, texts)[:3]
-    loss = loss_fn(image_features, text_features, logit_scale)
+def optimizer_step(model, loss: torch.Tensor, optimizer, scheduler, max_logit_scale: float) -> None:
+    """Back-propagate `loss`, step the optimizer and schedule, and clamp the logit scale as CLIP does."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
     scheduler.step()
     with torch.no_grad():
         getattr(model, "module", model).logit_scale.clamp_(0, math.log(max_logit_scale))  # DDP wraps the model
+
+
+def train_step(model, images, texts, loss_fn, optimizer, scheduler, max_logit_scale: float) -> dict[str, float]:
+    """One optimisation step on a batch of pairs; returns the named loss terms."""
+    model.train()
+    image_features, text_features, logit_scale = model(images, texts)[:3]
+    loss = loss_fn(image_features, text_features, logit_scale)
+    optimizer_step(model, loss, optimizer, scheduler, max_logit_scale)
     return {"contrastive_loss": loss.item()}
 
 

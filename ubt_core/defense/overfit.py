@@ -9,8 +9,6 @@ dozen steps the triggered images collapse into one tight cluster that the scan c
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -41,8 +39,7 @@ def weakest_pairs(cosine: torch.Tensor, fraction: float) -> np.ndarray:
 
 def overfit(suspect: LoadedModel, dataset: PairDataset, cosine: torch.Tensor, cfg: OverfitConfig) -> LoadedModel:
     """A copy of `suspect` over-fitted on its weakest pairs (the suspect itself is not modified)."""
-    amplified = copy.copy(suspect)
-    amplified.model = copy.deepcopy(suspect.model)
+    amplified = suspect.copy()
     if cfg.steps == 0:
         return amplified
     weak = weakest_pairs(cosine, cfg.weak_fraction)

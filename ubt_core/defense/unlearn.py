@@ -13,7 +13,6 @@ with the same retain term.
 
 from __future__ import annotations
 
-import copy
 from typing import Literal
 
 import torch
@@ -92,8 +91,7 @@ def _pixel_mask(token_mask: torch.Tensor, patch_size: tuple[int, int], shape: tu
 def unlearn(suspect: LoadedModel, forget_images: torch.Tensor, forget_texts: torch.Tensor,
             retain_images: torch.Tensor, cfg: UnlearnConfig) -> tuple[LoadedModel, dict]:
     """A copy of `suspect` with the backdoor unlearned; also returns what it did (for the report)."""
-    student = copy.copy(suspect)
-    student.model = copy.deepcopy(suspect.model)
+    student = suspect.copy()
     teacher = suspect.model.eval()
     with torch.no_grad():
         retain_targets = torch.cat([teacher.encode_image(chunk, normalize=True) for chunk in retain_images.split(256)])

@@ -7,10 +7,11 @@ written by `save_model` (weights only). Both return the model with its preproces
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import functools
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 LOCAL_DIR = "local-dir:"
 
 
-@dataclass
+@dataclasses.dataclass
 class LoadedModel:
     """A CLIP model with what it needs to see images and read text."""
 
@@ -31,6 +32,10 @@ class LoadedModel:
     preprocess: Any  # open_clip's eval transform: PIL image -> float tensor (3, H, W)
     tokenizer: Any  # open_clip tokenizer: list[str] -> LongTensor (B, context_length)
     model_cfg: dict  # the open_clip model config, saved with every checkpoint
+
+    def copy(self) -> LoadedModel:
+        """An independent copy of the weights that shares preprocess, tokenizer and config."""
+        return dataclasses.replace(self, model=copy.deepcopy(self.model))
 
     @property
     def image_size(self) -> int:
