@@ -10,3 +10,20 @@ def tiny_world(tmp_path_factory) -> dict[str, str]:
     """80 training pairs and 40 eval images of the synthetic benchmark (train/, eval/ URIs)."""
     out = tmp_path_factory.mktemp("world")
     return synth_benchmark(str(out), SynthConfig(train_pairs=80, eval_images=40, rows_per_file=32, seed=7))
+
+
+@pytest.fixture(scope="session")
+def tiny_compare():
+    """A comparison small enough for tests: 120 pairs, 1 epoch, BadNet at 10 %, two seeds, tiny budgets."""
+    from ubt_core.bench import BenchConfig
+    from ubt_core.defense.baselines import BaselineConfig
+    from ubt_core.defense.compare import CompareConfig
+    from ubt_core.train import TrainConfig
+
+    small_ubt = {"overfit": {"steps": 2, "weak_per_batch": 8, "normal_per_batch": 8}, "scan": {"neighbours": 5},
+                 "select": {"retain_size": 20}, "unlearn": {"steps": 2, "batch_size": 8}}
+    bench = BenchConfig(rate=0.1, clean_baseline=False,
+                        synth=SynthConfig(train_pairs=120, eval_images=40, rows_per_file=64),
+                        train=TrainConfig(epochs=1, batch_size=16, warmup_steps=2))
+    return CompareConfig(attacks=["badnet"], defenses=["none", "ft", "abl", "ubt"], seeds=[0, 1], bench=bench,
+                         baseline=BaselineConfig(pair_passes=32, batch_size=16, warmup_steps=0), ubt=small_ubt)

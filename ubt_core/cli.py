@@ -307,9 +307,17 @@ def _print_defense(report: dict) -> None:
 def _add_bench(sub) -> None:
     from ubt_core.attacks import ATTACKS
 
-    p = sub.add_parser("bench", help="benchmark: clean + backdoored models per attack, CA/ASR/RA table")
+    p = sub.add_parser("bench", help="benchmark: clean + backdoored models per attack, CA/ASR/RA table; with "
+                                     "--defenses, UBT against the baseline defenses on those models")
     p.add_argument("--out", required=True, help="work directory (models and data are reused if present)")
     p.add_argument("--attacks", default=",".join(ATTACKS), help="comma-separated attacks")
+    p.add_argument("--defenses", help="comma-separated defenses to compare, of none,ft,cleanclip,abl,safeclip,"
+                                      "ubt; writes OUT/results.parquet, OUT/results.md and OUT/figures/")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds of the comparison (default 0,1,2)")
+    p.add_argument("--baseline-config", help="JSON file of BaselineConfig overrides for the baseline defenses")
+    p.add_argument("--ubt-config", help="JSON file of DefenseConfig overrides for UBT, as `ubt defend --config`")
+    p.add_argument("--rows", help="keep each finished cell's result row here (default OUT/rows); rows already "
+                                  "there are reused, so a comparison can be completed over several runs")
     p.add_argument("--setting", choices=["scratch", "finetune"], help="threat setting (default scratch)")
     p.add_argument("--rate", type=float, help="poison rate (default 0.01)")
     p.add_argument("--epochs", type=int, help="training epochs (default: the benchmark's)")
@@ -324,8 +332,24 @@ def _bench(args) -> None:
 
     cfg = BenchConfig(attacks=args.attacks.split(","), **_given(args, setting="setting", rate="rate"),
                       **_bench_overrides(args, "finetune" if args.setting == "finetune" else "train"))
-    report = run_bench(args.out, cfg, doc=args.doc, command=" ".join(["ubt", *sys.argv[1:]]))
-    print(report.markdown)
+    command = " ".join(["ubt", *sys.argv[1:]])
+    if args.defenses:
+        print(_compare(args, cfg, command))
+        return
+    print(run_bench(args.out, cfg, doc=args.doc, command=command).markdown)
+
+
+def _compare(args, bench, command: str) -> str:
+    from ubt_core.defense.compare import CompareConfig, run_compare
+
+    try:
+        seeds = [int(seed) for seed in args.seeds.split(",")]
+    except ValueError:
+        raise UbtError(f"--seeds {args.seeds}: expected comma-separated integers, e.g. 0,1,2.") from None
+    cfg = CompareConfig(attacks=bench.attacks, defenses=args.defenses.split(","), seeds=seeds, bench=bench,
+                        baseline=_json_file(args.baseline_config, "--baseline-config") if args.baseline_config else {},
+                        ubt=_json_file(args.ubt_config, "--ubt-config") if args.ubt_config else {})
+    return run_compare(args.out, cfg, doc=args.doc, command=command, rows_dir=args.rows)
 
 
 def _bench_overrides(args, trained: str = "train") -> dict:
@@ -386,6 +410,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _given_value(error: dict) -> str:
+    """`, got X` for a scalar input pydantic refused (its message does not always say what it was given)."""
+    value = error.get("input")
+    return f", got {value!r}" if isinstance(value, str | int | float | bool) else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -394,7 +424,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ubt: error: {e}", file=sys.stderr)
         return 2
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'value'}: {err['msg']}" for err in e.errors())
+        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'value'}: {err['msg']}{_given_value(err)}"
+                             for err in e.errors())
         print(f"ubt: error: invalid settings: {problems}", file=sys.stderr)
         return 2
     return 0

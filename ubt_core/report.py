@@ -176,3 +176,45 @@ its {OUTLINED_TOKENS} most salient tokens are outlined; a trigger shows up in th
 {stages}
 """
     return _write_text(out / "report.md", text)
+
+
+def plot_comparison(results: pa.Table, out_dir: Path) -> list[Path]:
+    """CA against ASR per attack (one point per defense, mean ± std over seeds) and defense wall time bars."""
+    rows = results.to_pylist()
+    attacks = list(dict.fromkeys(r["attack"] for r in rows))
+    defenses = list(dict.fromkeys(r["defense"] for r in rows))
+    colours = {d: plt.cm.tab10(i) for i, d in enumerate(defenses)}
+
+    def stats(attack: str, defense: str, key: str) -> tuple[float, float]:
+        values = [r[key] for r in rows if r["attack"] == attack and r["defense"] == defense]
+        return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(1, len(attacks), figsize=(3.2 * len(attacks), 3.2), squeeze=False)
+    for ax, attack in zip(axes[0], attacks, strict=True):
+        for defense in defenses:
+            (asr, asr_sd), (ca, ca_sd) = stats(attack, defense, "asr"), stats(attack, defense, "ca")
+            ax.errorbar(asr, ca, xerr=asr_sd, yerr=ca_sd, fmt="o", color=colours[defense], label=defense, capsize=2)
+        ax.set(title=attack, xlabel="ASR (lower is better)", xlim=(-0.05, 1.05))
+    axes[0][0].set_ylabel("CA (higher is better)")
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    scatter = out_dir / "ca_vs_asr.png"
+    fig.tight_layout()
+    fig.savefig(scatter, dpi=110)
+    plt.close(fig)
+
+    timed = [d for d in defenses if d != "none"]
+    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(attacks), 3.2))
+    width = 0.8 / max(1, len(timed))
+    for i, defense in enumerate(timed):
+        means = [stats(attack, defense, "seconds") for attack in attacks]
+        ax.bar(np.arange(len(attacks)) + i * width, [m for m, _ in means], width, yerr=[s for _, s in means],
+               color=colours[defense], label=defense, capsize=2)
+    ax.set_xticks(np.arange(len(attacks)) + width * (len(timed) - 1) / 2, attacks)
+    ax.set(ylabel="defense wall time (s)")
+    ax.legend(fontsize=7)
+    bars = out_dir / "defense_seconds.png"
+    fig.tight_layout()
+    fig.savefig(bars, dpi=110)
+    plt.close(fig)
+    return [scatter, bars]

@@ -36,15 +36,16 @@ class DefenseBenchConfig(BaseModel):
     clean_check: bool = True  # also defend the clean model on clean data
 
 
-def _merge(base: dict, override: dict) -> dict:
+def merge_settings(base: dict, override: dict) -> dict:
+    """`base` with the nested settings of `override` laid over it."""
     out = dict(base)
     for key, value in override.items():
-        out[key] = _merge(base.get(key, {}), value) if isinstance(value, dict) else value
+        out[key] = merge_settings(base.get(key, {}), value) if isinstance(value, dict) else value
     return out
 
 
 def variant_config(override: dict) -> DefenseConfig:
-    return DefenseConfig.model_validate(_merge(DefenseConfig().model_dump(), override))
+    return DefenseConfig.model_validate(merge_settings(DefenseConfig().model_dump(), override))
 
 
 def _defended(work: Path, name: str, cfg: DefenseConfig, model_dir: Path, data: Path) -> tuple[Path, dict]:
