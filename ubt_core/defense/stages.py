@@ -75,14 +75,14 @@ def scan_stage(model_dir: str, data_uri: str, out_uri: str, batch_size: int = 51
     """
     in_fs, files = list_parquet_files(data_uri)
     loaded = load_model(model_dir)
-    sources = [pq.ParquetFile(in_fs.open_input_file(path)) for path in files]
-    progress = tqdm(total=sum(f.metadata.num_rows for f in sources), desc=f"scan {Path(out_uri).stem}",
-                    unit="pair", mininterval=2.0)
+    total = sum(pq.read_metadata(path, filesystem=in_fs).num_rows for path in files)
+    progress = tqdm(total=total, desc=f"scan {Path(out_uri).stem}", unit="pair", mininterval=2.0)
     with parquet_writer(out_uri) as write:
-        for source in sources:
-            for batch in source.iter_batches(batch_size, columns=list(SCANNED_COLUMNS)):
-                write(embed_batch(batch, loaded))
-                progress.update(batch.num_rows)
+        for path in files:  # one open file at a time: a reader keeps its buffers until it is closed
+            with in_fs.open_input_file(path) as stream:
+                for batch in pq.ParquetFile(stream).iter_batches(batch_size, columns=list(SCANNED_COLUMNS)):
+                    write(embed_batch(batch, loaded))
+                    progress.update(batch.num_rows)
     progress.close()
     return out_uri
 
