@@ -99,17 +99,30 @@ def _import(args) -> None:
 
 def _add_model_import(sub) -> None:
     p = sub.add_parser("import", help="OpenAI CLIP / open_clip / CleanCLIP checkpoint -> open_clip local-dir")
-    p.add_argument("--checkpoint", required=True, help=".pt / .bin / .safetensors file (weights only)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help=".pt / .bin / .safetensors file (weights only)")
+    source.add_argument("--pretrained", help="an open_clip pretrained tag of --model, e.g. laion2b_s34b_b79k: "
+                                             "read from the cache, fetched only if missing and reachable")
+    p.add_argument("--cache-dir", help="open_clip's weights cache for --pretrained (default: its own)")
     p.add_argument("--model", required=True,
                    help="open_clip architecture of the weights, e.g. ViT-B-32-quickgelu for OpenAI-lineage weights")
+    p.add_argument("--quick-gelu", action=argparse.BooleanOptionalAction, default=None,
+                   help="force the QuickGELU activation (CleanCLIP-lineage weights) or GELU; by default QuickGELU "
+                        "for weights in OpenAI's release layout, else the architecture's own")
     p.add_argument("--out", required=True, help="output checkpoint directory")
     p.set_defaults(func=_model_import)
 
 
 def _model_import(args) -> None:
-    from ubt_core.models.importer import import_checkpoint
+    from ubt_core.models.importer import import_checkpoint, import_pretrained
 
-    print(json.dumps({"out": str(import_checkpoint(args.checkpoint, args.model, args.out))}))
+    if args.pretrained and args.quick_gelu is not None:
+        raise UbtError("--quick-gelu applies to --checkpoint; an open_clip pretrained tag knows its activation.")
+    if args.pretrained:
+        out = import_pretrained(args.model, args.pretrained, args.out, args.cache_dir)
+    else:
+        out = import_checkpoint(args.checkpoint, args.model, args.out, args.quick_gelu)
+    print(json.dumps({"out": str(out)}))
 
 
 def _add_poison(sub) -> None:

@@ -71,6 +71,8 @@ class RayConfig(BaseModel):
     num_cpus: int | None = Field(None, ge=1)  # logical CPUs of the local Ray; a cluster knows its own
     scan_actors: int = Field(1, ge=1)  # actor-pool size of the Ray Data scan (each holds one model copy)
     scan_batch_size: int = Field(256, ge=1)  # trades memory for throughput, never changes a score
+    # object-store memory the scan's blocks may fill (read ahead of the actors): bounds memory whatever the data size
+    scan_object_store_mib: int = Field(1024, ge=64)
     cpus_per_actor: float = Field(1.0, gt=0)  # fractional values pack more scan actors onto few cores
     num_workers: int = Field(1, ge=1)  # Ray Train workers (data-parallel ranks)
     # STACK: on 2 CPUs, TorchTrainer with a Ray Dataset deadlocks unless the workers leave CPU free for

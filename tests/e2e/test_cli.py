@@ -41,6 +41,9 @@ def test_impossible_values_are_refused_before_work(ubt, tmp_path):
     proc = ubt("poison", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--attack", "badnet",
                "--rate", "2", "--target", "star", ok=False)
     assert "rate" in proc.stderr and "less than or equal to 0.5" in proc.stderr
+    proc = ubt("model", "import", "--model", "ViT-B-32", "--pretrained", "openai", "--no-quick-gelu", "--out",
+               str(tmp_path / "m"), ok=False)
+    assert "--quick-gelu applies to --checkpoint" in proc.stderr and not (tmp_path / "m").exists()
 
 
 def test_check_refuses_a_bad_row_then_quarantines_and_counts_it(ubt, tmp_path):

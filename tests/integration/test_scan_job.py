@@ -1,13 +1,16 @@
 """The Ray Data scan job on a local Ray: the same embeddings as the in-process scan, a partial
-output cleared and redone, finished work skipped."""
+output cleared and redone, finished work skipped; the bounds that keep its memory flat."""
 
+import os
+
+import ray
 import torch
 
-from ubt_core.data.contract import read_pairs
+from ubt_core.data.contract import list_parquet_files, read_pairs
 from ubt_core.defense.embed import read_embeddings
 from ubt_core.defense.stages import scan_stage
 from ubt_core.jobs import run_scan_job
-from ubt_core.jobs.scan_job import SUCCESS
+from ubt_core.jobs.scan_job import SUCCESS, _read_bounded
 from ubt_core.models import create_model, save_model
 
 
@@ -29,3 +32,13 @@ def test_ray_scan_matches_the_in_process_scan_redoes_partial_output_and_skips_fi
     again = run_scan_job(local_ray, str(tmp_path / "model"), tiny_world["train"], str(tmp_path / "ray-emb"))
     assert again.skipped
 
+
+
+def test_workers_use_few_malloc_arenas_and_the_scan_holds_its_object_store_bound(local_ray, tiny_world):
+    arenas = ray.get(ray.remote(lambda: os.environ.get("MALLOC_ARENA_MAX")).options(num_cpus=0.5).remote())
+    assert arenas == "2"
+    fs, files = list_parquet_files(tiny_world["train"])
+    dataset = _read_bounded(files, fs, object_store_mib=96)
+    assert dataset.context.execution_options.resource_limits.object_store_memory == 96 * 1024**2
+    # the bound belongs to the scan's dataset, not to datasets made after it
+    assert ray.data.DataContext.get_current().execution_options.resource_limits.object_store_memory != 96 * 1024**2

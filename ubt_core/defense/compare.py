@@ -49,6 +49,7 @@ class CompareConfig(BaseModel):
     seeds: list[int] = Field([0, 1, 2], min_length=1)
     bench: BenchConfig = BenchConfig()  # setting, rate, world and training (its attacks and seed are set here)
     baseline: BaselineConfig = BaselineConfig()  # seeded per cell
+    clean_fraction: float = Field(0.2, gt=0, le=1)  # FT / CleanCLIP's trusted clean set, as a share of the data
     ubt: dict = {}  # DefenseConfig overrides, as for `ubt defend --config`
 
 
@@ -88,6 +89,8 @@ def _cell_digest(seed: int, defense: str, cfg: CompareConfig) -> str:
         settings["ubt"] = _ubt_config(cfg.ubt, seed).model_dump()
     elif defense != "none":
         settings["baseline"] = cfg.baseline.model_dump()
+    if defense in NEEDS_CLEAN_SET:
+        settings["clean_fraction"] = cfg.clean_fraction
     return f"{defense}-{hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]}"
 
 
@@ -118,7 +121,7 @@ def run_cell(seed_dir: Path, rows_dir: Path, seed: int, attack: str, defense: st
         clean = None
         if defense in NEEDS_CLEAN_SET:
             clean = clean_subset(str(data), str(seed_dir / "data" / f"{attack}-{bench.rate}-clean"),
-                                 cfg.baseline.clean_fraction, seed)
+                                 cfg.clean_fraction, seed)
         report = run_baseline(defense, str(model_dir), str(data), out, cfg.baseline.model_copy(update={"seed": seed}),
                               clean)
         row["pair_passes"], row["pairs_trained"] = report["pair_passes"], report["pairs_trained"]

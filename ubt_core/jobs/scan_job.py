@@ -53,14 +53,21 @@ def _complete(fs: pafs.FileSystem, root: str) -> bool:
     return fs.get_file_info(posixpath.join(root, SUCCESS)).type == pafs.FileType.File
 
 
-def _read_in_small_blocks(files: list[str], fs: pafs.FileSystem) -> ray.data.Dataset:
-    """`read_parquet` with SCAN_BLOCK_BYTES blocks (the dataset keeps a copy of the context it was made with)."""
+def _read_bounded(files: list[str], fs: pafs.FileSystem, object_store_mib: int) -> ray.data.Dataset:
+    """`read_parquet` in SCAN_BLOCK_BYTES blocks, holding at most `object_store_mib` of them in the object store.
+
+    Without the bound Ray Data reads ahead into a share of the whole object store, so the scan's memory
+    grows with the data until that share is full. The dataset keeps a copy of the context it was made with.
+    """
     context = ray.data.DataContext.get_current()
-    default, context.target_max_block_size = context.target_max_block_size, SCAN_BLOCK_BYTES
+    options = context.execution_options
+    defaults = context.target_max_block_size, options.resource_limits
+    context.target_max_block_size = SCAN_BLOCK_BYTES
+    options.resource_limits = options.resource_limits.copy(object_store_memory=object_store_mib * 1024**2)
     try:
         return ray.data.read_parquet(files, filesystem=fs)
     finally:
-        context.target_max_block_size = default
+        context.target_max_block_size, options.resource_limits = defaults
 
 
 def run_scan_job(cfg: RayConfig, model_dir: str, data_uri: str, out_uri: str) -> ScanSummary:
@@ -78,7 +85,7 @@ def run_scan_job(cfg: RayConfig, model_dir: str, data_uri: str, out_uri: str) ->
         raise UbtError(f"ray.scan_actors x ray.cpus_per_actor = {asked:g} leaves none of the cluster's {cpus:g} CPUs "
                        "for reading the data; lower ray.cpus_per_actor (e.g. 0.5) or ray.scan_actors.")
     checkpoint = ray.put(checkpoint_bytes(model_dir))
-    dataset = _read_in_small_blocks(files, in_fs).select_columns(list(SCANNED_COLUMNS))
+    dataset = _read_bounded(files, in_fs, cfg.scan_object_store_mib).select_columns(list(SCANNED_COLUMNS))
     embedded = dataset.map_batches(
         _EmbedActor, fn_constructor_args=(checkpoint,), batch_size=cfg.scan_batch_size, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=cfg.scan_actors), num_cpus=cfg.cpus_per_actor,

@@ -80,14 +80,20 @@ def _expected_random_init():
         root.removeFilter(drop)
 
 
-def create_model(name: str) -> LoadedModel:
-    """Build `name` (an open_clip model name or `local-dir:PATH`) in eval mode, weights-only loading."""
+def create_model(name: str, force_quick_gelu: bool = False, pretrained: str | None = None,
+                 cache_dir: str | None = None) -> LoadedModel:
+    """Build `name` (an open_clip model name or `local-dir:PATH`) in eval mode, weights-only loading.
+
+    `force_quick_gelu` builds the QuickGELU variant of the architecture (OpenAI-trained weights need it);
+    `pretrained` is an open_clip pretrained tag, read from `cache_dir` (see `importer.import_pretrained`).
+    """
     register_configs()
-    model_cfg = _model_cfg(name)
-    fresh = contextlib.nullcontext() if name.startswith(LOCAL_DIR) else _expected_random_init()
+    model_cfg = _model_cfg(name) | ({"quick_gelu": True} if force_quick_gelu else {})
+    fresh = contextlib.nullcontext() if name.startswith(LOCAL_DIR) or pretrained else _expected_random_init()
     try:
         with fresh:
-            model, _, preprocess = open_clip.create_model_and_transforms(name, weights_only=True)
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                name, pretrained=pretrained, cache_dir=cache_dir, weights_only=True, force_quick_gelu=force_quick_gelu)
     except (RuntimeError, ValueError, OSError) as e:
         raise UbtError(f"could not load model {name!r}: {e}") from e
     model.eval()

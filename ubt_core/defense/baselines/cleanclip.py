@@ -14,7 +14,7 @@ import pyarrow as pa
 import torch
 
 from ubt_core.defense.baselines.common import BaselineConfig, epoch_batches, fine_tune
-from ubt_core.defense.baselines.views import PairViews
+from ubt_core.defense.baselines.views import PairViews, embed_with_views
 from ubt_core.losses import ClipLoss
 from ubt_core.models import LoadedModel
 
@@ -35,11 +35,8 @@ def cleanclip(suspect: LoadedModel, clean: pa.Table, cfg: BaselineConfig) -> tup
     clip_loss = ClipLoss()
 
     def step_loss(model, step: int):
-        images, image_views, texts, text_views = views.views(next(batches))
-        n = len(images)
-        image, text, scale = model(torch.cat([images, image_views]), torch.cat([texts, text_views]))[:3]
-        multimodal = clip_loss(image[:n], text[:n], scale)
-        return MULTIMODAL_WEIGHT * multimodal + INMODAL_WEIGHT * inmodal_loss(
-            image[:n], image[n:], text[:n], text[n:], scale, clip_loss)
+        image, image_view, text, text_view, scale = embed_with_views(model, views, next(batches))
+        return (MULTIMODAL_WEIGHT * clip_loss(image, text, scale)
+                + INMODAL_WEIGHT * inmodal_loss(image, image_view, text, text_view, scale, clip_loss))
 
     return fine_tune(suspect, step_loss, cfg, "CleanCLIP"), {"pairs_trained": len(views)}

@@ -33,7 +33,6 @@ class BaselineConfig(BaseModel):
     weight_decay: float = Field(0.1, ge=0)
     warmup_steps: int = Field(20, ge=0)
     max_logit_scale: float = Field(100.0, gt=1)
-    clean_fraction: float = Field(0.2, gt=0, le=1)  # FT / CleanCLIP: clean pairs, as a share of the data's size
     abl_isolation: float = Field(0.01, gt=0, lt=1)  # ABL: share of lowest-loss pairs isolated (the paper's 1 %)
     abl_isolated_per_batch: int = Field(32, ge=2)  # ABL: isolated pairs ascended per step
     abl_unlearn_weight: float = Field(1.0, gt=0)  # ABL: weight of the ascent term
@@ -63,6 +62,11 @@ def fine_tune(suspect: LoadedModel, step_loss: StepLoss, cfg: BaselineConfig, de
     return student
 
 
+def batches_per_epoch(rows: int, batch_size: int) -> int:
+    """How many batches `epoch_batches` makes of each epoch over `rows` rows."""
+    return max(1, rows // batch_size)
+
+
 def epoch_batches(rows: np.ndarray, batch_size: int, seed: int) -> Iterator[np.ndarray]:
     """Endless batches of `rows`: each epoch a fresh seeded permutation, the last partial batch dropped."""
     rows = np.asarray(rows)
@@ -70,8 +74,8 @@ def epoch_batches(rows: np.ndarray, batch_size: int, seed: int) -> Iterator[np.n
     rng = np.random.default_rng(seed)
     while True:
         order = rng.permutation(rows)
-        for start in range(0, len(order) - size + 1, size):
-            yield order[start:start + size]
+        for batch in range(batches_per_epoch(len(order), size)):
+            yield order[batch * size:(batch + 1) * size]
 
 
 @torch.no_grad()

@@ -17,8 +17,8 @@ import torch
 from sklearn.mixture import GaussianMixture
 
 from ubt_core.defense.baselines.cleanclip import inmodal_loss
-from ubt_core.defense.baselines.common import BaselineConfig, epoch_batches, fine_tune, pair_cosines
-from ubt_core.defense.baselines.views import PairViews
+from ubt_core.defense.baselines.common import BaselineConfig, batches_per_epoch, epoch_batches, fine_tune, pair_cosines
+from ubt_core.defense.baselines.views import PairViews, embed_with_views
 from ubt_core.losses import ClipLoss
 from ubt_core.models import LoadedModel
 
@@ -35,7 +35,7 @@ def safeclip(suspect: LoadedModel, data: pa.Table, cfg: BaselineConfig) -> tuple
     torch.manual_seed(cfg.seed)  # AutoAugment draws from torch's generator
     views = PairViews(data, suspect, cfg.seed)
     batches = epoch_batches(np.arange(len(views)), cfg.batch_size, cfg.seed)
-    steps_per_epoch = max(1, len(views) // cfg.batch_size)
+    steps_per_epoch = batches_per_epoch(len(views), cfg.batch_size)
     clip_loss = ClipLoss()
     state: dict = {}
 
@@ -52,10 +52,7 @@ def safeclip(suspect: LoadedModel, data: pa.Table, cfg: BaselineConfig) -> tuple
         if len(safe) > 1:
             loss = loss + clip_loss(*model(*views.stack(safe))[:3])
         if len(risky) > 1:
-            images, image_views, texts, text_views = views.views(risky)
-            n = len(risky)
-            image, text, scale = model(torch.cat([images, image_views]), torch.cat([texts, text_views]))[:3]
-            loss = loss + inmodal_loss(image[:n], image[n:], text[:n], text[n:], scale, clip_loss)
+            loss = loss + inmodal_loss(*embed_with_views(model, views, risky), clip_loss)
         return loss
 
     defended = fine_tune(suspect, step_loss, cfg, "SafeCLIP")

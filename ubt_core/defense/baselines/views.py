@@ -53,3 +53,11 @@ class PairViews(PairDataset):
         augmented = torch.stack([self.preprocess(self.auto_augment(image)) for image in decoded])
         captions = self.tokenizer([eda(self.captions[int(i)], self.rng) for i in rows])
         return images, augmented, self.tokens[torch.as_tensor(rows, dtype=torch.long)], captions
+
+
+def embed_with_views(model: torch.nn.Module, views: PairViews, rows) -> tuple[torch.Tensor, ...]:
+    """One forward of `rows` and their views: (image, image_view, text, text_view, logit_scale)."""
+    images, image_views, texts, text_views = views.views(rows)
+    n = len(images)
+    image, text, scale = model(torch.cat([images, image_views]), torch.cat([texts, text_views]))[:3]
+    return image[:n], image[n:], text[:n], text[n:], scale
