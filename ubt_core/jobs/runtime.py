@@ -11,13 +11,11 @@ import ray
 from ubt_core.config import RayConfig
 from ubt_core.models import LoadedModel, load_model
 
-# quiet, reproducible Ray defaults unless the user set them: no usage reporting, logs not deduplicated
-_ENV_DEFAULTS = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0"}
-
-
-# glibc gives each thread of a process its own malloc arena; a Ray worker runs many threads, and a scan
-# actor's memory grew 1.7x from the fragmentation (1.0 GiB with two arenas). Workers get this unless set.
-_WORKER_ENV_DEFAULTS = {"MALLOC_ARENA_MAX": "2"}
+# Defaults unless the user set them, inherited by a local Ray's processes: no usage reporting, logs not
+# deduplicated, and two malloc arenas (glibc gives each thread its own; a Ray worker runs many threads, and
+# a scan actor held 1.6-1.8 GiB of heap with the default, 1.0 GiB with two). Cluster images set the last
+# in their environment (docker/Dockerfile): a job-level runtime_env would cost every task a fresh worker.
+_ENV_DEFAULTS = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0", "MALLOC_ARENA_MAX": "2"}
 
 # S3 settings the driver has, which workers on other nodes need to read and write the same objects
 _S3_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION",
@@ -27,15 +25,13 @@ _S3_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AW
 def ensure_ray(cfg: RayConfig) -> None:
     """Connect to `cfg.address`, or start a local Ray sized by `cfg.num_cpus`; a no-op when already connected.
 
-    The driver's AWS_* variables travel to the workers in the job's runtime environment, with
-    `_WORKER_ENV_DEFAULTS` where the driver does not set them.
+    The driver's AWS_* variables travel to the workers in the job's runtime environment.
     """
     if ray.is_initialized():
         return
     for name, value in _ENV_DEFAULTS.items():
         os.environ.setdefault(name, value)
-    env_vars = {name: os.environ.get(name, value) for name, value in _WORKER_ENV_DEFAULTS.items()}
-    runtime_env = {"env_vars": env_vars | {name: os.environ[name] for name in _S3_ENV if name in os.environ}}
+    runtime_env = {"env_vars": {name: os.environ[name] for name in _S3_ENV if name in os.environ}}
     if cfg.address is None:
         ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=True, runtime_env=runtime_env)
     else:
