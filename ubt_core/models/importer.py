@@ -38,10 +38,17 @@ def _mismatch(model: torch.nn.Module, given: dict) -> str:
     return "; ".join(parts) or "keys differ"
 
 
+def _is_torchscript(checkpoint: str) -> bool:
+    """TorchScript archives are zips with a `constants.pkl` (plain `torch.save` zips have none)."""
+    if not zipfile.is_zipfile(checkpoint):
+        return False
+    with zipfile.ZipFile(checkpoint) as archive:
+        return any(name.endswith("constants.pkl") for name in archive.namelist())
+
+
 def _read_weights(checkpoint: str) -> dict:
     """The checkpoint's state dict (wrappers and `module.` prefixes removed), refusing anything but tensors."""
-    if zipfile.is_zipfile(checkpoint) and any(name.endswith("constants.pkl")
-                                              for name in zipfile.ZipFile(checkpoint).namelist()):
+    if _is_torchscript(checkpoint):
         raise UbtError(f"{checkpoint}: a TorchScript archive (OpenAI's release format) holds code, which ubt "
                        "does not run. Extract its weights where you trust it: "
                        "torch.save(torch.jit.load(FILE).state_dict(), 'weights.pt'), and import that.")
