@@ -28,6 +28,16 @@ def local_ray():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def prefect_server():
+    """One temporary Prefect server (and database) for every flow test of the session: each start costs
+    about 20 s on 2 busy cores."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield
+
+
 def _load_local_stack():
     """infra/local_stack.py, imported by file path (infra/ is not a package)."""
     import importlib.util

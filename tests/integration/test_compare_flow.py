@@ -1,15 +1,5 @@
 """The comparison as a Prefect flow: every cell a task, and a second run served from the cache."""
 
-import pytest
-
-
-@pytest.fixture(scope="module")
-def prefect_server():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=90):
-        yield
-
 
 def test_compare_flow_tabulates_every_cell_and_reuses_them(prefect_server, tiny_compare, tmp_path, monkeypatch):
     from flows.compare import compare_flow

@@ -22,14 +22,6 @@ SMALL = ["defense.overfit.steps=2", "defense.overfit.weak_per_batch=8", "defense
 
 
 @pytest.fixture(scope="module")
-def prefect_server():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=90):
-        yield
-
-
-@pytest.fixture(scope="module")
 def world(tiny_world, tmp_path_factory):
     root = tmp_path_factory.mktemp("flow")
     poison_dataset(tiny_world["train"], str(root / "poisoned"),

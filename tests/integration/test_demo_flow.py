@@ -4,18 +4,8 @@ result, and a second run is served from the cache."""
 
 import json
 
-import pytest
-
 from ubt_core.data.synth import SynthConfig
 from ubt_core.train import TrainConfig
-
-
-@pytest.fixture(scope="module")
-def prefect_server():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=90):
-        yield
 
 
 def test_demo_backdoors_a_model_defends_it_and_reuses_finished_stages(prefect_server, local_ray, tmp_path):

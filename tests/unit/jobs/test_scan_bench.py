@@ -5,18 +5,20 @@ import subprocess
 import sys
 
 from ubt_core.data.contract import read_pairs
-from ubt_core.jobs.scan_bench import replicate_pairs, tree_rss_kib
+from ubt_core.jobs.scan_bench import replicate_pairs, tree_memory_kib
 
 
 def test_tree_memory_counts_the_children():
     child = subprocess.Popen([sys.executable, "-c", "import time; b = bytearray(200 * 2**20); time.sleep(30)"])
     try:
         for _ in range(100):  # until the child has touched its 200 MiB
-            if tree_rss_kib(child.pid) > 150 * 1024:
+            if tree_memory_kib(child.pid)["pss"] > 150 * 1024:
                 break
             subprocess.run(["sleep", "0.1"])
-        assert tree_rss_kib(child.pid) > 150 * 1024
-        assert tree_rss_kib(os.getpid()) >= tree_rss_kib(child.pid) + 10 * 1024  # ours plus the child's
+        child_kib, ours_kib = tree_memory_kib(child.pid), tree_memory_kib(os.getpid())
+        assert child_kib["pss"] > 150 * 1024
+        assert child_kib["rss"] >= child_kib["pss"]  # a shared page counts whole in RSS, split in PSS
+        assert ours_kib["pss"] >= child_kib["pss"] + 10 * 1024  # ours plus the child's
     finally:
         child.kill()
 
