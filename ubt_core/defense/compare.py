@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import time
 from pathlib import Path
 from typing import Literal
@@ -153,12 +154,18 @@ def write_results(work: Path, rows: list[dict], cfg: CompareConfig, doc: str | N
                   command: str | None = None) -> str:
     """results.parquet, figures/ and results.md under `work` (and the table into `doc`); returns the Markdown."""
     table = pa.Table.from_pylist(rows)
+    work.mkdir(parents=True, exist_ok=True)  # kept rows alone may have made nothing under it yet
     pq.write_table(table, work / "results.parquet")
     figures = plot_comparison(table, work / "figures")
-    markdown = results_markdown(table, cfg, command, figures)
+    markdown = results_markdown(table, cfg, command, [f"figures/{path.name}" for path in figures])
     (work / "results.md").write_text(markdown)
-    if doc:
-        write_doc_section(Path(doc), f"results:{cfg.bench.setting}", markdown)
+    if doc:  # the doc links copies of the figures beside it, so it still shows them once `work` is gone
+        shown = Path(doc).parent / "figures" / f"results-{cfg.bench.setting}"
+        shown.mkdir(parents=True, exist_ok=True)
+        for path in figures:
+            shutil.copyfile(path, shown / path.name)
+        links = [f"figures/{shown.name}/{path.name}" for path in figures]
+        write_doc_section(Path(doc), f"results:{cfg.bench.setting}", results_markdown(table, cfg, command, links))
     return markdown
 
 
@@ -186,8 +193,9 @@ def _mean_std(values: list[float | None], digits: int = 3) -> str:
     return f"{np.mean(present):.{digits}f} ± {np.std(present, ddof=1):.{digits}f}"
 
 
-def results_markdown(table: pa.Table, cfg: CompareConfig, command: str | None, figures: list[Path]) -> str:
-    """Mean ± sample std over seeds of every (attack, defense) cell, with the run's provenance."""
+def results_markdown(table: pa.Table, cfg: CompareConfig, command: str | None, figures: list[str]) -> str:
+    """Mean ± sample std over seeds of every (attack, defense) cell, with the run's provenance; `figures` are
+    links relative to where the Markdown is written."""
     rows = table.to_pylist()
     bench = cfg.bench
     lines = [
@@ -209,5 +217,5 @@ def results_markdown(table: pa.Table, cfg: CompareConfig, command: str | None, f
                 f"| {_mean_std(col['precision_at_k'])} | {_mean_std(col['recall_at_k'])} | {_mean_std(col['auroc'])} "
                 f"| {_mean_std(col['seconds'], 0)} | {int(np.mean(col['pair_passes'])):,} "
                 f"| {int(np.mean(col['pairs_trained'])):,} |")
-    lines += ["", *[f"![{path.stem}](figures/{path.name})" for path in figures]]
+    lines += ["", *[f"![{Path(link).stem}]({link})" for link in figures]]
     return "\n".join(lines) + "\n"

@@ -1,5 +1,7 @@
 """The comparison harness on a tiny world: one row per (seed, attack, defense), finished cells reused."""
 
+import re
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -67,6 +69,9 @@ def test_clean_subset_is_a_seeded_share_of_the_unpoisoned_pairs(tiny_world, tmp_
 def test_kept_rows_complete_a_comparison_without_models(compared, tiny_compare, monkeypatch, tmp_path):
     work, markdown = compared
     monkeypatch.setattr(compare, "run_bench", lambda *args, **kwargs: 1 / 0)  # no world, no models
-    again = run_compare(str(tmp_path), tiny_compare, rows_dir=str(work / "rows"))
+    fresh, doc = tmp_path / "fresh", tmp_path / "docs" / "results.md"  # nothing has created `fresh` yet
+    again = run_compare(str(fresh), tiny_compare, rows_dir=str(work / "rows"), doc=str(doc))
     assert again.split("measured")[1] == markdown.split("measured")[1]
-    assert pq.read_table(tmp_path / "results.parquet").num_rows == len(tiny_compare.seeds) * len(tiny_compare.defenses)
+    links = re.findall(r"!\[[^]]*\]\(([^)]+)\)", doc.read_text())
+    assert len(links) == 2 and all((doc.parent / link).is_file() for link in links)  # the doc shows its own copies
+    assert pq.read_table(fresh / "results.parquet").num_rows == len(tiny_compare.seeds) * len(tiny_compare.defenses)
