@@ -19,8 +19,10 @@ from ubt_core.train import TrainConfig
 
 
 @flow(name="ubt-demo")
-def demo_flow(out: str, synth_cfg: SynthConfig | None = None, train_cfg: TrainConfig | None = None) -> dict:
-    """Backdoor a model (BadNet, 1 %), defend it with UBT; returns the defense report with before/after metrics."""
+def demo_flow(out: str, synth_cfg: SynthConfig | None = None, train_cfg: TrainConfig | None = None,
+              overrides: list[str] | None = None) -> dict:
+    """Backdoor a model (BadNet, 1 %), defend it with UBT; returns the defense report with before/after metrics.
+    `overrides` (`section.key=value`, as `ubt flow defend` takes them) go to the defend flow after the demo's own."""
     cores = os.cpu_count() or 1
     # one Train worker holding every core, as in-process training would; a scan actor per core, each asking
     # for half a CPU so Ray Data's read tasks still get one (actors holding every CPU would starve them)
@@ -29,4 +31,4 @@ def demo_flow(out: str, synth_cfg: SynthConfig | None = None, train_cfg: TrainCo
     return defend_flow(None, [f"data.train={made['data']}", f"data.eval={Path(out) / 'world' / 'eval'}",
                               f"eval.trigger_from={made['data']}", f"model={made['model']}",
                               f"output={Path(out) / 'defense'}", f"ray.cpus_per_worker={cores}",
-                              f"ray.scan_actors={cores}", "ray.cpus_per_actor=0.5"])
+                              f"ray.scan_actors={cores}", "ray.cpus_per_actor=0.5", *(overrides or [])])

@@ -290,6 +290,8 @@ def _add_demo(sub) -> None:
     p.add_argument("--epochs", type=int, help="training epochs (default: the benchmark's)")
     p.add_argument("--train-pairs", type=int, help="size of the synthetic training set (default 20000)")
     p.add_argument("--eval-images", type=int, help="size of the eval set (default 5000)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="defend-flow overrides, as `ubt flow defend` takes them, e.g. defense.unlearn.steps=50")
     p.set_defaults(func=_demo)
 
 
@@ -301,7 +303,7 @@ def _demo(args) -> None:
     from ubt_core.train import TrainConfig
 
     report = demo_flow(args.out, SynthConfig(**_given(args, train_pairs="train_pairs", eval_images="eval_images")),
-                       TrainConfig(**_given(args, epochs="epochs")))
+                       TrainConfig(**_given(args, epochs="epochs")), args.overrides)
     _print_defense(report)
 
 

@@ -8,19 +8,19 @@ import pytest
 pytestmark = pytest.mark.e2e
 
 
-def test_bench_with_defenses_writes_the_comparison(ubt, tmp_path):
+def test_bench_with_defenses_writes_the_comparison(ubt_main, tmp_path):
     (tmp_path / "baseline.json").write_text(json.dumps({"pair_passes": 32, "batch_size": 16, "warmup_steps": 0}))
-    proc = ubt("bench", "--out", str(tmp_path / "work"), "--attacks", "badnet", "--defenses", "none,ft",
-               "--seeds", "0", "--train-pairs", "260", "--eval-images", "30", "--epochs", "1", "--rate", "0.1",
-               "--baseline-config", str(tmp_path / "baseline.json"), "--doc", str(tmp_path / "results.md"))
+    proc = ubt_main("bench", "--out", str(tmp_path / "work"), "--attacks", "badnet", "--defenses", "none,ft",
+                    "--seeds", "0", "--train-pairs", "260", "--eval-images", "30", "--epochs", "1", "--rate", "0.1",
+                    "--baseline-config", str(tmp_path / "baseline.json"), "--doc", str(tmp_path / "results.md"))
     assert "| badnet | ft |" in proc.stdout
     rows = pq.read_table(tmp_path / "work" / "results.parquet").to_pylist()
     assert [(r["seed"], r["defense"]) for r in rows] == [(0, "none"), (0, "ft")] and rows[1]["pair_passes"] == 32
     assert "<!-- results:scratch:begin -->" in (tmp_path / "results.md").read_text()
 
 
-def test_bench_refuses_unknown_defenses_and_bad_seeds(ubt, tmp_path):
-    proc = ubt("bench", "--out", str(tmp_path), "--defenses", "none,magic", ok=False)
+def test_bench_refuses_unknown_defenses_and_bad_seeds(ubt_main, tmp_path):
+    proc = ubt_main("bench", "--out", str(tmp_path), "--defenses", "none,magic", ok=False)
     assert "defenses" in proc.stderr and "magic" in proc.stderr
-    proc = ubt("bench", "--out", str(tmp_path), "--defenses", "none", "--seeds", "0,x", ok=False)
+    proc = ubt_main("bench", "--out", str(tmp_path), "--defenses", "none", "--seeds", "0,x", ok=False)
     assert "--seeds 0,x" in proc.stderr

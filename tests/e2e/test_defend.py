@@ -18,9 +18,9 @@ SMALL = {"overfit": {"steps": 2, "weak_per_batch": 8, "normal_per_batch": 8},
 
 
 @pytest.fixture(scope="module")
-def suspect(ubt, tiny_world, tmp_path_factory):
+def suspect(ubt_main, tiny_world, tmp_path_factory):
     root = tmp_path_factory.mktemp("defend")
-    ubt("poison", "--data", tiny_world["train"], "--out", str(root / "poisoned"), "--attack", "badnet",
+    ubt_main("poison", "--data", tiny_world["train"], "--out", str(root / "poisoned"), "--attack", "badnet",
         "--rate", "0.1", "--target", "star", "--seed", "1")
     save_model(create_model("ubt-tiny"), root / "model")
     (root / "small.json").write_text(json.dumps(SMALL))
@@ -51,11 +51,11 @@ def test_defend_writes_model_table_and_reports(ubt, suspect, tmp_path):
     assert "estimated_trigger.png" in text and (out / "estimated_trigger.png").stat().st_size > 0
 
 
-def test_without_evidence_the_model_is_left_unchanged(ubt, suspect, tmp_path):
+def test_without_evidence_the_model_is_left_unchanged(ubt_main, suspect, tmp_path):
     config = tmp_path / "strict.json"
     config.write_text(json.dumps(SMALL | {"select": {"retain_size": 20, "evidence_threshold": 1e9}}))
     out = tmp_path / "out"
-    ubt("defend", "--model", str(suspect / "model"), "--data", str(suspect / "poisoned"), "--out", str(out),
+    ubt_main("defend", "--model", str(suspect / "model"), "--data", str(suspect / "poisoned"), "--out", str(out),
         "--config", str(config))
     report = json.loads((out / "report.json").read_text())
     assert report["k"] == 0 and "no strong backdoor evidence" in report["verdict"]
@@ -65,14 +65,14 @@ def test_without_evidence_the_model_is_left_unchanged(ubt, suspect, tmp_path):
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_misspelt_setting_is_one_clear_error(ubt, suspect, tmp_path):
+def test_misspelt_setting_is_one_clear_error(ubt, ubt_main, suspect, tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"unlearn": {"stepz": 3}}))
     proc = ubt("defend", "--model", str(suspect / "model"), "--data", str(suspect / "poisoned"), "--out",
                str(tmp_path / "o"), "--config", str(bad), ok=False)
     assert proc.stderr.count("\n") == 1 and "unlearn.stepz" in proc.stderr
-    proc = ubt("defend", "--model", str(suspect / "model"), "--data", str(suspect / "poisoned"), "--out",
-               str(tmp_path / "o"), "--config", str(tmp_path / "none.json"), ok=False)
+    proc = ubt_main("defend", "--model", str(suspect / "model"), "--data", str(suspect / "poisoned"), "--out",
+                    str(tmp_path / "o"), "--config", str(tmp_path / "none.json"), ok=False)
     assert "--config" in proc.stderr and "none.json" in proc.stderr
 
 
