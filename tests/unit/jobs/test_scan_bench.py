@@ -9,18 +9,19 @@ from ubt_core.jobs.scan_bench import replicate_pairs, tree_memory_kib
 
 
 def test_tree_memory_counts_the_children():
-    child = subprocess.Popen([sys.executable, "-c", "import time; b = bytearray(200 * 2**20); time.sleep(30)"])
+    # the child writes every page of its 200 MiB before it says so: RSS and PSS are read one after the
+    # other, so memory still growing between the two reads would put PSS above RSS
+    child = subprocess.Popen([sys.executable, "-c", "import time; b = b'x' * (200 * 2**20); print('ready', flush=True);"
+                              " time.sleep(30)"], stdout=subprocess.PIPE, text=True)
     try:
-        for _ in range(100):  # until the child has touched its 200 MiB
-            if tree_memory_kib(child.pid)["pss"] > 150 * 1024:
-                break
-            subprocess.run(["sleep", "0.1"])
+        assert child.stdout.readline().strip() == "ready"
         child_kib, ours_kib = tree_memory_kib(child.pid), tree_memory_kib(os.getpid())
         assert child_kib["pss"] > 150 * 1024
         assert child_kib["rss"] >= child_kib["pss"]  # a shared page counts whole in RSS, split in PSS
         assert ours_kib["pss"] >= child_kib["pss"] + 10 * 1024  # ours plus the child's
     finally:
         child.kill()
+        child.communicate()  # reaps it and closes its pipe
 
 
 def test_replicated_pairs_have_the_size_asked_and_unique_uids(tiny_world, tmp_path):
