@@ -33,6 +33,7 @@ from ubt_core.config import (
 from ubt_core.data.contract import use_s3_endpoint
 from ubt_core.defense import stages
 from ubt_core.defense.overfit import OverfitConfig
+from ubt_core.defense.refine import RefineConfig
 from ubt_core.defense.scan import ScanConfig
 from ubt_core.defense.select import SelectConfig
 from ubt_core.defense.unlearn import UnlearnConfig
@@ -87,13 +88,15 @@ def overfit(model_dir: str, model_digest: str, data_uri: str, data_digest: str, 
 
 
 @task(cache_policy=CACHED, persist_result=True)
-def select(data_uri: str, data_digest: str, suspect: str, amplified: str | None, out: str,
-           scan_cfg: ScanConfig, select_cfg: SelectConfig, code: str, ctx: StageContext) -> dict:
+def select(model_dir: str, model_digest: str, data_uri: str, data_digest: str, suspect: str, amplified: str | None,
+           out: str, scan_cfg: ScanConfig, select_cfg: SelectConfig, refine_cfg: RefineConfig, code: str,
+           ctx: StageContext) -> dict:
     def body(tracker: Tracker, run_id: str) -> dict:
-        summary = stages.select_stage(data_uri, suspect, amplified, out, scan_cfg, select_cfg)
+        summary = stages.select_stage(data_uri, suspect, amplified, out, scan_cfg, select_cfg, model_dir, refine_cfg)
         tracker.log_artifact(run_id, Path(out) / stages.SUSPICIOUS_FILE)
         return summary | {"digest": file_digest(Path(out) / stages.SUSPICIOUS_FILE)}
-    return _tracked(ctx, "select", body, {"scan": scan_cfg.model_dump(), "select": select_cfg.model_dump()})
+    return _tracked(ctx, "select", body, {"scan": scan_cfg.model_dump(), "select": select_cfg.model_dump(),
+                                          "refine": refine_cfg.model_dump()})
 
 
 @task(cache_policy=CACHED, persist_result=True)
@@ -178,8 +181,9 @@ def defend_flow(config_path: str | None = None, overrides: list[str] | None = No
             amplified = tasks["scan"]("scan_overfit", over["value"], over_digest, data, data_digest,
                                       str(work / f"embeddings-overfit-{over_digest}"), code, ray, ctx)
             seconds |= {"overfit": over["seconds"], "scan_overfit": amplified["seconds"]}
-        selected = tasks["select"](data, data_digest, suspect["value"]["out_uri"],
-                                   amplified and amplified["value"]["out_uri"], str(out), d.scan, d.select, code, ctx)
+        selected = tasks["select"](cfg.model, suspect_digest, data, data_digest, suspect["value"]["out_uri"],
+                                   amplified and amplified["value"]["out_uri"], str(out), d.scan, d.select, d.refine,
+                                   code, ctx)
         cleaned = tasks["unlearn"](cfg.model, suspect_digest, data, data_digest, selected["value"]["digest"], str(out),
                                    d.unlearn, code, ray, ctx)
         seconds |= {"select": selected["seconds"], "unlearn": cleaned["seconds"]}

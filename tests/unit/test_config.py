@@ -71,7 +71,7 @@ def test_every_error_is_reported_with_its_path(minimal):
 def test_unknown_nested_key_names_its_path_and_the_known_keys(minimal):
     message = _error(minimal, ["defense.unlernn.steps=3"])
     assert "defense.unlernn: unknown key; did you mean `unlearn`?" in message
-    assert "known keys here: overfit, scan, select, unlearn" in message
+    assert "known keys here: overfit, scan, refine, select, unlearn" in message
 
 
 def test_credential_keys_are_refused_without_echoing_them(minimal):

@@ -29,6 +29,11 @@ def _patch_projection(loaded: LoadedModel) -> torch.nn.Module:
     return conv
 
 
+def patch_size(loaded: LoadedModel) -> tuple[int, int]:
+    """Pixels of the preprocessed image per patch token of an open_clip ViT image tower."""
+    return tuple(_patch_projection(loaded).kernel_size)
+
+
 def token_saliency(loaded: LoadedModel, images: torch.Tensor, texts: torch.Tensor, batch_size: int = 128) -> Saliency:
     """Saliency of every patch token of `images` and every token of `texts` for their paired cosine."""
     model = loaded.model

@@ -36,6 +36,7 @@ from ubt_core.data.contract import (
 )
 from ubt_core.defense.embed import SCANNED_COLUMNS, embed_batch, read_embeddings
 from ubt_core.defense.overfit import OverfitConfig, overfit
+from ubt_core.defense.refine import RefineConfig, refine
 from ubt_core.defense.saliency import token_saliency
 from ubt_core.defense.scan import ScanConfig, scan_scores
 from ubt_core.defense.select import SelectConfig, select_pairs
@@ -97,23 +98,45 @@ def overfit_stage(model_dir: str, data_uri: str, suspect_embeddings: str, out_di
     return str(out_dir)
 
 
-def _uids_and_truth(data_uri: str) -> tuple[pa.ChunkedArray, np.ndarray | None]:
-    table = read_checked_pairs(data_uri)  # validate_stage checked every row
+def _uids_and_truth(table: pa.Table) -> tuple[pa.ChunkedArray, np.ndarray | None]:
     truth = None  # the `poisoned` flags only when every row has one (benchmarks)
     if "poisoned" in table.column_names and not table.column("poisoned").null_count:
         truth = table.column("poisoned").to_numpy(zero_copy_only=False).astype(bool)
     return table.column("uid"), truth
 
 
+def _refine(model_dir: str, table: pa.Table, columns: dict[str, np.ndarray], clean_rows: np.ndarray,
+            cfg: RefineConfig) -> dict:
+    """Adds the `pattern` column; a verified pattern's scores become the suspicion. Returns what it found."""
+    suspect = load_model(model_dir)
+    found = refine(suspect, PairDataset(table, suspect), columns["suspicion"], clean_rows, cfg)
+    columns["pattern"] = found.scores
+    if found.evidence:
+        columns["suspicion"] = found.scores
+    return {"trigger_match_rate": round(found.match_rate, 4), "clean_match_rate": round(found.clean_match_rate, 4),
+            "group_size": len(found.group), "verified": found.evidence}
+
+
 def select_stage(data_uri: str, suspect_embeddings: str, overfit_embeddings: str | None, out_dir: str | Path,
-                 scan: ScanConfig, select: SelectConfig) -> dict:
-    """Score every pair, choose the unlearning and retain sets; writes suspicious.parquet and selection.json."""
+                 scan: ScanConfig, select: SelectConfig, model_dir: str, refine_cfg: RefineConfig) -> dict:
+    """Score every pair, choose the unlearning and retain sets; writes suspicious.parquet and selection.json.
+
+    Without a collapsed group, the top pairs' shared pixel pattern is refined and checked as a trigger
+    on the suspect (`model_dir`); a pattern that works is the evidence then.
+    """
     out = Path(out_dir)
-    uids, poisoned = _uids_and_truth(data_uri)
+    table = read_checked_pairs(data_uri)  # validate_stage checked every row
+    uids, poisoned = _uids_and_truth(table)
     suspect = read_embeddings(suspect_embeddings, uids)
     amplified = read_embeddings(overfit_embeddings, uids) if overfit_embeddings else None
     columns = scan_scores(suspect, amplified, scan)
     selection = select_pairs(columns["suspicion"], select, poisoned)
+    kind, refined = ("collapse" if selection.evidence else None), None
+    if refine_cfg.iterations and not selection.evidence and select.k is None and not select.oracle:
+        refined = _refine(model_dir, table, columns, selection.retain, refine_cfg)
+        if refined["verified"]:
+            selection = select_pairs(columns["suspicion"], select, poisoned)
+            kind = "shared pattern" if selection.evidence else None
     rank = np.empty(len(uids), np.int64)
     rank[np.argsort(-columns["suspicion"], kind="stable")] = np.arange(1, len(uids) + 1)
     flags = {name: np.zeros(len(uids), bool) for name in ("selected", "retained")}
@@ -123,7 +146,7 @@ def select_stage(data_uri: str, suspect_embeddings: str, overfit_embeddings: str
     write_table(pa.table({"uid": uids, **columns, "rank": rank, **flags, **truth}).sort_by("rank"),
                 str(out / SUSPICIOUS_FILE))
     summary = {"n_pairs": len(uids), "k": int(len(selection.forget)), "backdoor_evidence": bool(selection.evidence),
-               "anomalous_pairs": selection.n_anomalous}
+               "evidence_kind": kind, "anomalous_pairs": selection.n_anomalous, "refine": refined}
     if poisoned is not None:
         summary["detection"] = detection_metrics(columns["suspicion"], poisoned, len(selection.forget))
     write_json(summary, str(out / SELECTION_FILE))
@@ -169,7 +192,12 @@ def unlearn_stage(model_dir: str, data_uri: str, out_dir: str | Path, cfg: Unlea
     return info
 
 
-def _verdict(evidence: bool, k: int) -> str:
+def _verdict(selection: dict) -> str:
+    evidence, k, refined = selection["backdoor_evidence"], selection["k"], selection.get("refine")
+    if evidence and selection.get("evidence_kind") == "shared pattern":
+        return (f"backdoor evidence: the most suspicious images share a pixel pattern that, pasted onto clean "
+                f"images, makes {refined['trigger_match_rate']:.0%} of them match the group's captions better "
+                f"than their own ({refined['clean_match_rate']:.0%} without it); {k} pairs unlearned")
     if evidence:
         return f"backdoor evidence: a group of pairs whose images collapse onto one point; {k} pairs unlearned"
     found = "no strong backdoor evidence: no anomalous group of pairs"
@@ -187,7 +215,7 @@ def report_stage(model_dir: str, data_uri: str, out_dir: str | Path, config: dic
     selection = json.loads((out / SELECTION_FILE).read_text())
     info = json.loads((out / UNLEARN_FILE).read_text())
     report = {"model": str(model_dir), "data": data_uri, **selection,
-              "verdict": _verdict(selection["backdoor_evidence"], selection["k"]), "unlearn": info,
+              "verdict": _verdict(selection), "unlearn": info,
               "stage_seconds": stage_seconds, "config": config, **(extra or {})}
     report["total_seconds"] = round(sum(stage_seconds.values()), 2)
     table = read_checked_pairs(data_uri)  # validate_stage checked every row

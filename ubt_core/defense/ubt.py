@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ubt_core.data.contract import write_json
 from ubt_core.defense import stages
 from ubt_core.defense.overfit import OverfitConfig
+from ubt_core.defense.refine import RefineConfig
 from ubt_core.defense.scan import ScanConfig
 from ubt_core.defense.select import SelectConfig
 from ubt_core.defense.unlearn import UnlearnConfig
@@ -28,6 +29,7 @@ class DefenseConfig(BaseModel):
 
     overfit: OverfitConfig = OverfitConfig()
     scan: ScanConfig = ScanConfig()
+    refine: RefineConfig = RefineConfig()
     select: SelectConfig = SelectConfig()
     unlearn: UnlearnConfig = UnlearnConfig()
     batch_size: int = Field(512, ge=1)  # scan batch; never changes a score
@@ -89,7 +91,7 @@ def defend(model_dir: str, data_uri: str, out_dir: str | Path, cfg: DefenseConfi
     suspect, amplified, scan_seconds = _scan(model_dir, data, scan_dir, cfg)
     stage.seconds |= scan_seconds
     with stage("select"):
-        selection = stages.select_stage(data, suspect, amplified, out, cfg.scan, cfg.select)
+        selection = stages.select_stage(data, suspect, amplified, out, cfg.scan, cfg.select, model_dir, cfg.refine)
     with stage("unlearn" if selection["k"] else "save"):  # with nothing selected the suspect is saved as is
         stages.unlearn_stage(model_dir, data, out, cfg.unlearn, {"defense_config": cfg.model_dump()})
     return stages.report_stage(model_dir, data, out, cfg.model_dump(), stage.seconds,

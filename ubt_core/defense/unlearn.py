@@ -88,6 +88,17 @@ def _pixel_mask(token_mask: torch.Tensor, patch_size: tuple[int, int], shape: tu
     return torch.nn.functional.pad(mask, (0, shape[1] - mask.shape[1], 0, shape[0] - mask.shape[0]))
 
 
+def shared_pattern(forget: torch.Tensor, retain: torch.Tensor, patch_size: tuple[int, int],
+                   min_z: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The trigger common to the `forget` images: their mean minus the clean mean, on its tokens.
+
+    Returns the (C, H, W) pattern and the (grid_h, grid_w) token mask it is kept on.
+    """
+    token_mask = pattern_tokens(forget, retain, patch_size, min_z)
+    mask = _pixel_mask(token_mask, patch_size, tuple(forget.shape[-2:]))
+    return (forget.mean(dim=0) - retain.mean(dim=0)) * mask, token_mask
+
+
 def unlearn(suspect: LoadedModel, forget_images: torch.Tensor, forget_texts: torch.Tensor,
             retain_images: torch.Tensor, cfg: UnlearnConfig) -> tuple[LoadedModel, dict]:
     """A copy of `suspect` with the backdoor unlearned; also returns what it did (for the report)."""
@@ -104,10 +115,8 @@ def unlearn(suspect: LoadedModel, forget_images: torch.Tensor, forget_texts: tor
         shape = tuple(forget_images.shape[-2:])
         if cfg.scope == "token":
             masks = top_patch_masks(saliency, cfg.tokens_per_pair, shape)
-        else:  # the trigger common to the selected images: their mean minus the clean mean, on its tokens
-            token_mask = pattern_tokens(forget_images, retain_images, saliency.patch_size, cfg.pattern_z)
-            pattern = (forget_images.mean(dim=0) - retain_images.mean(dim=0)) * _pixel_mask(
-                token_mask, saliency.patch_size, shape)
+        else:
+            pattern, token_mask = shared_pattern(forget_images, retain_images, saliency.patch_size, cfg.pattern_z)
             info |= {"pattern_tokens": int(token_mask.sum()), "pattern": pattern}
     params = trainable_parameters(student.model, cfg.portion)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)

@@ -1,0 +1,97 @@
+"""Refine on hand-made pixels: a faint pattern shared by a few rows is found from a mostly clean top set, and
+it counts as evidence only if it works as a trigger on the model."""
+
+import numpy as np
+import torch
+
+from ubt_core.defense.refine import RefineConfig, matched_filter_scores, trigger_match_rate
+from ubt_core.models import LoadedModel
+
+
+def _pixels(n=3000, n_poisoned=60, dim=300, strength=0.6, seed=0):
+    """Correlated 'content' (a few loud directions plus noise); a faint fixed pattern added to some rows."""
+    gen = torch.Generator().manual_seed(seed)
+    content = torch.randn(n, 10, generator=gen) @ (3 * torch.randn(10, dim, generator=gen))
+    pixels = content + torch.randn(n, dim, generator=gen)
+    pattern = torch.randn(dim, generator=gen)
+    pixels[:n_poisoned] += strength * pattern
+    poisoned = np.zeros(n, bool)
+    poisoned[:n_poisoned] = True
+    return pixels, poisoned
+
+
+def _top_with_a_fifth_poisoned(poisoned: np.ndarray, group: int, seed=0) -> np.ndarray:
+    """A suspicion ranking whose top `group` rows are one fifth poisoned (the scan's view of a faint trigger)."""
+    rng = np.random.default_rng(seed)
+    top = np.r_[rng.choice(np.flatnonzero(poisoned), group // 5, replace=False),
+                rng.choice(np.flatnonzero(~poisoned), group - group // 5, replace=False)]
+    suspicion = rng.normal(size=len(poisoned))
+    suspicion[top] += 10
+    return suspicion
+
+
+def test_refinement_converges_on_the_rows_sharing_the_pattern():
+    pixels, poisoned = _pixels()
+    suspicion = _top_with_a_fifth_poisoned(poisoned, 50)
+    start = np.argsort(-suspicion)[:50]
+    scores, group = matched_filter_scores(pixels, suspicion, RefineConfig(group_size=50))
+    assert poisoned[start].mean() == 0.2
+    assert poisoned[group].mean() >= 0.9
+    assert scores[poisoned].mean() > 4.5 > np.quantile(scores[~poisoned], 0.99)
+
+
+def test_the_pattern_hides_under_the_content_without_whitening():
+    """The pattern is faint along the content's loud directions: a plain projection does not find it."""
+    pixels, poisoned = _pixels()
+    centred = pixels - pixels.mean(dim=0)
+    pattern = pixels[poisoned].mean(dim=0) - pixels[~poisoned].mean(dim=0)
+    plain = (centred @ pattern).numpy()
+    whitened, _ = matched_filter_scores(pixels, poisoned.astype(float), RefineConfig(group_size=60, iterations=1))
+    assert poisoned[np.argsort(-plain)[:60]].mean() < 0.6
+    assert poisoned[np.argsort(-whitened)[:60]].mean() >= 0.9
+
+
+def test_zero_iterations_keep_the_scan_ranking():
+    pixels, poisoned = _pixels(n=500, n_poisoned=10, dim=50)
+    suspicion = np.random.default_rng(0).normal(size=500)
+    scores, group = matched_filter_scores(pixels, suspicion, RefineConfig(group_size=10, iterations=0))
+    assert np.array_equal(scores, suspicion) and group.tolist() == np.argsort(-suspicion)[:10].tolist()
+
+
+class _WiredBackdoor(torch.nn.Module):
+    """A hand-wired backdoored CLIP: caption i embeds as the i-th axis; an image embeds as the caption whose
+    number it carries in its first pixel, unless its bottom-right 4x4 token is bright: then as caption 0."""
+
+    def __init__(self, n_captions: int):
+        super().__init__()
+        self.n_captions = n_captions
+        self.visual = torch.nn.Module()
+        self.visual.conv1 = torch.nn.Conv2d(3, 1, kernel_size=4, stride=4)  # 4x4 patch tokens
+
+    def encode_text(self, texts: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        return torch.nn.functional.one_hot(texts[:, 0], self.n_captions).float()
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        triggered = images[:, :, -4:, -4:].mean(dim=(1, 2, 3)) > 1.0
+        caption = torch.where(triggered, 0, images[:, 0, 0, 0].round().long())
+        return torch.nn.functional.one_hot(caption, self.n_captions).float()
+
+
+def _numbered_images(n: int, n_captions: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    images = 0.3 * torch.randn(n, 3, 32, 32, generator=gen)
+    captions = torch.randint(1, n_captions, (n, 1), generator=gen)
+    images[:, 0, 0, 0] = captions[:, 0].float()
+    return images, captions
+
+
+def test_only_a_pattern_that_triggers_the_model_is_evidence():
+    gen = torch.Generator().manual_seed(0)
+    loaded = LoadedModel(_WiredBackdoor(n_captions=20), preprocess=None, tokenizer=None, model_cfg={})
+    clean = _numbered_images(300, 20, gen)
+    poisoned, _ = _numbered_images(100, 20, gen)
+    poisoned[:, :, -4:, -4:] += 2.0  # the trigger, and every poisoned caption is caption 0 (the target)
+    target = torch.zeros(100, 1, dtype=torch.long)
+    rate, clean_rate = trigger_match_rate(loaded, (poisoned, target), clean, pattern_z=3.0)
+    assert rate > 0.95 and clean_rate == 0.0
+    unshared, _ = _numbered_images(100, 20, gen)  # a group with the target's captions but no shared pattern
+    assert trigger_match_rate(loaded, (unshared, target), clean, pattern_z=3.0) == (0.0, 0.0)
