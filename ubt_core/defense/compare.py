@@ -68,7 +68,7 @@ def clean_subset(data_uri: str, out_uri: str, fraction: float, seed: int) -> str
 
 
 def _ubt_config(overrides: dict, seed: int) -> DefenseConfig:
-    seeded = {section: {"seed": seed} for section in ("overfit", "scan", "select", "unlearn")}
+    seeded = {section: {"seed": seed} for section in ("overfit", "scan", "refine", "select", "unlearn")}
     return variant_config(merge_settings(seeded, overrides))
 
 

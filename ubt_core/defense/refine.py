@@ -1,11 +1,15 @@
-"""Refine: the pattern the most suspicious images share, and whether it works as a trigger.
+"""Refine: the pattern a group of images shares, and whether it works as a trigger.
 
-A backdoor whose images do not collapse (a faint blend over the whole image) leaves only a few
-poisoned pairs at the top of the scan's ranking, and no clearly anomalous group. But an additive
+A backdoor whose images do not collapse (a faint blend over the whole image) leaves the poisoned
+pairs scattered through the scan's ranking, with no clearly anomalous group. But an additive
 trigger adds the same pixels to every poisoned image. A whitened matched filter, (x - mean)^T S^-1 p
 with S the images' covariance, weighs each pixel direction by how little clean images vary along
-it, and the trigger stands out of the content. Estimating p from the top pairs and re-ranking every
-pair by it, in turn, converges on the poisoned group from a top set where a fifth is poisoned.
+it, and the trigger stands out of the content. Estimating p from a group and re-ranking every pair
+by it, in turn, converges on the poisoned pairs from a start where a tenth of the group is poisoned.
+
+Two kinds of start: the scan's top pairs, and each caption concept (a k-means cluster of the
+suspect's caption embeddings). Every poisoned caption names the target, so the target's concept
+holds the poisoned pairs at several times their share of the data, whatever the scan saw.
 
 Any start converges on *some* group (a content direction with a heavy tail does too), so a group is
 not evidence. Evidence is that the group's pattern works as a trigger on the suspect: pasted onto
@@ -19,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+from sklearn.cluster import KMeans
 
 from ubt_core.defense.saliency import patch_size
 from ubt_core.defense.scan import robust_z
@@ -30,23 +35,27 @@ from ubt_core.train import PairDataset
 class RefineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a misspelt setting is an error, not a silent default
 
-    iterations: int = Field(5, ge=0)  # pattern <-> group alternations; 0 = off (the "no-refine" ablation)
+    iterations: int = Field(10, ge=0)  # pattern <-> group alternations per start; 0 = off (the "no-refine" ablation)
     group_size: int = Field(200, ge=2)  # top pairs each pattern estimate averages
+    concepts: int = Field(16, ge=0)  # caption clusters tried as starts besides the scan's top pairs; 0 = scan only
     side: int = Field(32, ge=4)  # images are average-pooled to side x side pixels for the matched filter
     shrinkage: float = Field(0.01, gt=0)  # added to the covariance's eigenvalues, as a share of their mean
     pattern_z: float = Field(3.0, gt=0)  # token significance of the checked pattern (as unlearn.pattern_z)
     check_size: int = Field(500, ge=1)  # clean images the pattern is pasted onto
     # evidence: the share of patched clean images that match the group's captions better than their own
     min_match_rate: float = Field(0.5, gt=0, le=1)
+    seed: int = 0  # the caption clusters and the check images
 
 
 @dataclass
 class Refinement:
-    scores: np.ndarray  # robust z of every pair's matched-filter score against the final pattern
-    group: np.ndarray  # rows the final pattern was estimated from
+    scores: np.ndarray  # robust z of every pair's matched-filter score against the chosen pattern
+    group: np.ndarray  # rows the chosen pattern was estimated from
     match_rate: float  # patched clean images matching the group's captions better than their own
     clean_match_rate: float  # the same for the unpatched clean images
     evidence: bool
+    start: str  # the start that converged on the chosen group ("scan top" or "concept i")
+    starts: int  # how many starts were tried
 
 
 def pooled_pixels(dataset: PairDataset, side: int, batch_size: int = 512) -> torch.Tensor:
@@ -58,21 +67,33 @@ def pooled_pixels(dataset: PairDataset, side: int, batch_size: int = 512) -> tor
     return torch.cat(rows)
 
 
-def matched_filter_scores(pixels: torch.Tensor, suspicion: np.ndarray, cfg: RefineConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Robust z of every row's whitened match to the pattern of the top group, after `cfg.iterations` rounds.
+class MatchedFilter:
+    """The whitened matched filter over pooled pixels; the covariance is inverted once for every start."""
 
-    Returns the scores and the group the final pattern was estimated from.
-    """
-    mean = pixels.mean(dim=0)
-    centred = pixels - mean
-    eigenvalues, eigenvectors = torch.linalg.eigh(centred.T @ centred / len(pixels))
-    inverse = (eigenvectors / (eigenvalues.clamp(min=0) + cfg.shrinkage * eigenvalues.mean())) @ eigenvectors.T
-    group = np.argsort(-suspicion, kind="stable")[:cfg.group_size]
-    scores = suspicion
-    for _ in range(cfg.iterations):
-        scores = robust_z((centred @ (inverse @ (pixels[group].mean(dim=0) - mean))).numpy())
-        group = np.argsort(-scores, kind="stable")[:cfg.group_size]
-    return scores, group
+    def __init__(self, pixels: torch.Tensor, shrinkage: float):
+        self.pixels = pixels
+        self.mean = pixels.mean(dim=0)
+        self.centred = pixels - self.mean
+        eigenvalues, eigenvectors = torch.linalg.eigh(self.centred.T @ self.centred / len(pixels))
+        self.inverse = (eigenvectors / (eigenvalues.clamp(min=0) + shrinkage * eigenvalues.mean())) @ eigenvectors.T
+
+    def converge(self, start: np.ndarray, iterations: int, group_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """Robust z of every row's match to the pattern of `start`'s rows, re-estimated from the top
+        `group_size` rows `iterations` times (at least once). Returns the scores and the final group."""
+        group = start
+        for _ in range(max(iterations, 1)):
+            pattern = self.pixels[group].mean(dim=0) - self.mean
+            scores = robust_z((self.centred @ (self.inverse @ pattern)).numpy())
+            group = np.argsort(-scores, kind="stable")[:group_size]
+        return scores, group
+
+
+def concept_groups(texts: torch.Tensor, concepts: int, seed: int) -> list[np.ndarray]:
+    """Rows of each caption concept: k-means clusters of the (normalised) caption embeddings."""
+    if concepts == 0:
+        return []
+    labels = KMeans(min(concepts, len(texts)), n_init=1, random_state=seed).fit_predict(texts.numpy())
+    return [np.flatnonzero(labels == concept) for concept in range(labels.max() + 1)]
 
 
 def _captions_preferred(model: torch.nn.Module, images: torch.Tensor, own_texts: torch.Tensor,
@@ -94,10 +115,20 @@ def trigger_match_rate(loaded: LoadedModel, group: tuple[torch.Tensor, torch.Ten
             _captions_preferred(model, clean[0], own, concept))
 
 
-def refine(loaded: LoadedModel, dataset: PairDataset, suspicion: np.ndarray, clean_rows: np.ndarray,
-           cfg: RefineConfig) -> Refinement:
-    """Find the group of pairs sharing one pixel pattern near the top of `suspicion`; check it is a trigger."""
-    scores, group = matched_filter_scores(pooled_pixels(dataset, cfg.side), suspicion, cfg)
-    checked = np.random.default_rng(0).choice(clean_rows, min(cfg.check_size, len(clean_rows)), replace=False)
-    rate, clean_rate = trigger_match_rate(loaded, dataset.stack(group), dataset.stack(checked), cfg.pattern_z)
-    return Refinement(scores, group, rate, clean_rate, rate >= cfg.min_match_rate)
+def refine(loaded: LoadedModel, dataset: PairDataset, suspicion: np.ndarray, texts: torch.Tensor,
+           clean_rows: np.ndarray, cfg: RefineConfig) -> Refinement:
+    """From the scan's top pairs and from each caption concept (`texts`: the suspect's caption embeddings),
+    find the group sharing one pixel pattern; keep the group whose pattern works best as a trigger."""
+    matched_filter = MatchedFilter(pooled_pixels(dataset, cfg.side), cfg.shrinkage)
+    starts = {"scan top": np.argsort(-suspicion, kind="stable")[:cfg.group_size]}
+    starts |= {f"concept {i}": rows for i, rows in enumerate(concept_groups(texts, cfg.concepts, cfg.seed))
+               if len(rows) >= 2}
+    checked = dataset.stack(np.random.default_rng(cfg.seed).choice(clean_rows, min(cfg.check_size, len(clean_rows)),
+                                                                  replace=False))
+    best = None
+    for name, start in starts.items():
+        scores, group = matched_filter.converge(start, cfg.iterations, cfg.group_size)
+        rate, clean_rate = trigger_match_rate(loaded, dataset.stack(group), checked, cfg.pattern_z)
+        if best is None or rate > best.match_rate:
+            best = Refinement(scores, group, rate, clean_rate, rate >= cfg.min_match_rate, name, len(starts))
+    return best

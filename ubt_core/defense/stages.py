@@ -105,16 +105,16 @@ def _uids_and_truth(table: pa.Table) -> tuple[pa.ChunkedArray, np.ndarray | None
     return table.column("uid"), truth
 
 
-def _refine(model_dir: str, table: pa.Table, columns: dict[str, np.ndarray], clean_rows: np.ndarray,
-            cfg: RefineConfig) -> dict:
+def _refine(model_dir: str, table: pa.Table, columns: dict[str, np.ndarray], texts: torch.Tensor,
+            clean_rows: np.ndarray, cfg: RefineConfig) -> dict:
     """Adds the `pattern` column; a verified pattern's scores become the suspicion. Returns what it found."""
     suspect = load_model(model_dir)
-    found = refine(suspect, PairDataset(table, suspect), columns["suspicion"], clean_rows, cfg)
+    found = refine(suspect, PairDataset(table, suspect), columns["suspicion"], texts, clean_rows, cfg)
     columns["pattern"] = found.scores
     if found.evidence:
         columns["suspicion"] = found.scores
     return {"trigger_match_rate": round(found.match_rate, 4), "clean_match_rate": round(found.clean_match_rate, 4),
-            "group_size": len(found.group), "verified": found.evidence}
+            "group_size": len(found.group), "start": found.start, "starts": found.starts, "verified": found.evidence}
 
 
 def select_stage(data_uri: str, suspect_embeddings: str, overfit_embeddings: str | None, out_dir: str | Path,
@@ -133,7 +133,7 @@ def select_stage(data_uri: str, suspect_embeddings: str, overfit_embeddings: str
     selection = select_pairs(columns["suspicion"], select, poisoned)
     kind, refined = ("collapse" if selection.evidence else None), None
     if refine_cfg.iterations and not selection.evidence and select.k is None and not select.oracle:
-        refined = _refine(model_dir, table, columns, selection.retain, refine_cfg)
+        refined = _refine(model_dir, table, columns, suspect.texts, selection.retain, refine_cfg)
         if refined["verified"]:
             selection = select_pairs(columns["suspicion"], select, poisoned)
             kind = "shared pattern" if selection.evidence else None

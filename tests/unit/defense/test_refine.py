@@ -1,10 +1,10 @@
-"""Refine on hand-made pixels: a faint pattern shared by a few rows is found from a mostly clean top set, and
-it counts as evidence only if it works as a trigger on the model."""
+"""Refine on hand-made pixels: a faint pattern shared by a few rows is found from a mostly clean start (the
+scan's top set, or a caption concept), and it counts as evidence only if it works as a trigger on the model."""
 
 import numpy as np
 import torch
 
-from ubt_core.defense.refine import RefineConfig, matched_filter_scores, trigger_match_rate
+from ubt_core.defense.refine import MatchedFilter, concept_groups, trigger_match_rate
 from ubt_core.models import LoadedModel
 
 
@@ -32,12 +32,21 @@ def _top_with_a_fifth_poisoned(poisoned: np.ndarray, group: int, seed=0) -> np.n
 
 def test_refinement_converges_on_the_rows_sharing_the_pattern():
     pixels, poisoned = _pixels()
-    suspicion = _top_with_a_fifth_poisoned(poisoned, 50)
-    start = np.argsort(-suspicion)[:50]
-    scores, group = matched_filter_scores(pixels, suspicion, RefineConfig(group_size=50))
+    start = np.argsort(-_top_with_a_fifth_poisoned(poisoned, 50))[:50]
+    scores, group = MatchedFilter(pixels, shrinkage=0.01).converge(start, iterations=5, group_size=50)
     assert poisoned[start].mean() == 0.2
     assert poisoned[group].mean() >= 0.9
     assert scores[poisoned].mean() > 4.5 > np.quantile(scores[~poisoned], 0.99)
+
+
+def test_a_caption_concept_holding_the_poisoned_rows_is_a_start_too():
+    """Every poisoned caption names the target: its concept's rows, a tenth of them poisoned, converge."""
+    pixels, poisoned = _pixels()
+    rng = np.random.default_rng(0)
+    concept = np.sort(np.r_[np.flatnonzero(poisoned), rng.choice(np.flatnonzero(~poisoned), 540, replace=False)])
+    scores, group = MatchedFilter(pixels, shrinkage=0.01).converge(concept, iterations=10, group_size=60)
+    assert poisoned[concept].mean() == 0.1
+    assert poisoned[group].mean() >= 0.9
 
 
 def test_the_pattern_hides_under_the_content_without_whitening():
@@ -46,16 +55,19 @@ def test_the_pattern_hides_under_the_content_without_whitening():
     centred = pixels - pixels.mean(dim=0)
     pattern = pixels[poisoned].mean(dim=0) - pixels[~poisoned].mean(dim=0)
     plain = (centred @ pattern).numpy()
-    whitened, _ = matched_filter_scores(pixels, poisoned.astype(float), RefineConfig(group_size=60, iterations=1))
+    whitened, _ = MatchedFilter(pixels, shrinkage=0.01).converge(np.flatnonzero(poisoned), iterations=1, group_size=60)
     assert poisoned[np.argsort(-plain)[:60]].mean() < 0.6
     assert poisoned[np.argsort(-whitened)[:60]].mean() >= 0.9
 
 
-def test_zero_iterations_keep_the_scan_ranking():
-    pixels, poisoned = _pixels(n=500, n_poisoned=10, dim=50)
-    suspicion = np.random.default_rng(0).normal(size=500)
-    scores, group = matched_filter_scores(pixels, suspicion, RefineConfig(group_size=10, iterations=0))
-    assert np.array_equal(scores, suspicion) and group.tolist() == np.argsort(-suspicion)[:10].tolist()
+def test_concept_groups_are_the_caption_clusters():
+    gen = torch.Generator().manual_seed(0)
+    centres = torch.nn.functional.normalize(torch.randn(3, 32, generator=gen), dim=1)
+    concept = torch.arange(300) % 3
+    texts = torch.nn.functional.normalize(centres[concept] + 0.05 * torch.randn(300, 32, generator=gen), dim=1)
+    groups = concept_groups(texts, concepts=3, seed=0)
+    assert sorted(sorted(g.tolist()) for g in groups) == [list(range(c, 300, 3)) for c in range(3)]
+    assert concept_groups(texts, concepts=0, seed=0) == []
 
 
 class _WiredBackdoor(torch.nn.Module):
