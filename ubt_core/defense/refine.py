@@ -12,8 +12,11 @@ suspect's caption embeddings). Every poisoned caption names the target, so the t
 holds the poisoned pairs at several times their share of the data, whatever the scan saw.
 
 Any start converges on *some* group (a content direction with a heavy tail does too), so a group is
-not evidence. Evidence is that the group's pattern works as a trigger on the suspect: pasted onto
-clean images, it makes most of them match the group's captions better than their own.
+not evidence. Evidence is two things. The group's pattern works as a trigger on the suspect: pasted
+onto clean images, it makes most of them match the group's captions better than their own. And the
+group stands apart: every poisoned image carries the same pattern, so their scores end in a cliff,
+where a content attribute (a colour, a shape) fades out gradually; a strong content pattern can pass
+the first test (a green tint makes images match "green ..." captions), not the second.
 """
 
 from __future__ import annotations
@@ -44,6 +47,9 @@ class RefineConfig(BaseModel):
     check_size: int = Field(500, ge=1)  # clean images the pattern is pasted onto
     # evidence: the share of patched clean images that match the group's captions better than their own
     min_match_rate: float = Field(0.5, gt=0, le=1)
+    # ... and a drop of this much robust z between two consecutive ranks of the group's scores ...
+    min_gap: float = Field(2.0, gt=0)
+    gap_ranks: tuple[int, int] = (20, 1000)  # ... somewhere between these ranks (select's min_group and max_k)
     seed: int = 0  # the caption clusters and the check images
 
 
@@ -53,6 +59,8 @@ class Refinement:
     group: np.ndarray  # rows the chosen pattern was estimated from
     match_rate: float  # patched clean images matching the group's captions better than their own
     clean_match_rate: float  # the same for the unpatched clean images
+    gap: float  # the largest drop between consecutive sorted scores within `gap_ranks`
+    above_gap: int  # how many pairs score above that drop
     evidence: bool
     start: str  # the start that converged on the chosen group ("scan top" or "concept i")
     starts: int  # how many starts were tried
@@ -88,6 +96,16 @@ class MatchedFilter:
         return scores, group
 
 
+def largest_gap(scores: np.ndarray, ranks: tuple[int, int]) -> tuple[float, int]:
+    """The largest drop between consecutive sorted scores with the upper one at rank `ranks[0]`..`ranks[1]`
+    (1-based), and how many scores lie above it."""
+    ordered = np.sort(scores)[::-1][ranks[0] - 1:ranks[1] + 1]
+    if len(ordered) < 2:  # fewer pairs than the group's smallest size
+        return 0.0, 0
+    drops = ordered[:-1] - ordered[1:]
+    return float(drops.max()), ranks[0] + int(drops.argmax())
+
+
 def concept_groups(texts: torch.Tensor, concepts: int, seed: int) -> list[np.ndarray]:
     """Rows of each caption concept: k-means clusters of the (normalised) caption embeddings."""
     if concepts == 0:
@@ -118,7 +136,7 @@ def trigger_match_rate(loaded: LoadedModel, group: tuple[torch.Tensor, torch.Ten
 def refine(loaded: LoadedModel, dataset: PairDataset, suspicion: np.ndarray, texts: torch.Tensor,
            clean_rows: np.ndarray, cfg: RefineConfig) -> Refinement:
     """From the scan's top pairs and from each caption concept (`texts`: the suspect's caption embeddings),
-    find the group sharing one pixel pattern; keep the group whose pattern works best as a trigger."""
+    find the group sharing one pixel pattern; keep a group that is evidence, whose pattern works best as a trigger."""
     matched_filter = MatchedFilter(pooled_pixels(dataset, cfg.side), cfg.shrinkage)
     starts = {"scan top": np.argsort(-suspicion, kind="stable")[:cfg.group_size]}
     starts |= {f"concept {i}": rows for i, rows in enumerate(concept_groups(texts, cfg.concepts, cfg.seed))
@@ -129,6 +147,9 @@ def refine(loaded: LoadedModel, dataset: PairDataset, suspicion: np.ndarray, tex
     for name, start in starts.items():
         scores, group = matched_filter.converge(start, cfg.iterations, cfg.group_size)
         rate, clean_rate = trigger_match_rate(loaded, dataset.stack(group), checked, cfg.pattern_z)
-        if best is None or rate > best.match_rate:
-            best = Refinement(scores, group, rate, clean_rate, rate >= cfg.min_match_rate, name, len(starts))
+        gap, above = largest_gap(scores, cfg.gap_ranks)
+        found = Refinement(scores, group, rate, clean_rate, gap, above,
+                           rate >= cfg.min_match_rate and gap >= cfg.min_gap, name, len(starts))
+        if best is None or (found.evidence, found.match_rate) > (best.evidence, best.match_rate):
+            best = found
     return best

@@ -114,7 +114,8 @@ def _refine(model_dir: str, table: pa.Table, columns: dict[str, np.ndarray], tex
     if found.evidence:
         columns["suspicion"] = found.scores
     return {"trigger_match_rate": round(found.match_rate, 4), "clean_match_rate": round(found.clean_match_rate, 4),
-            "group_size": len(found.group), "start": found.start, "starts": found.starts, "verified": found.evidence}
+            "group_size": len(found.group), "gap": round(found.gap, 2), "above_gap": found.above_gap,
+            "start": found.start, "starts": found.starts, "verified": found.evidence}
 
 
 def select_stage(data_uri: str, suspect_embeddings: str, overfit_embeddings: str | None, out_dir: str | Path,
@@ -197,7 +198,8 @@ def _verdict(selection: dict) -> str:
     if evidence and selection.get("evidence_kind") == "shared pattern":
         return (f"backdoor evidence: the most suspicious images share a pixel pattern that, pasted onto clean "
                 f"images, makes {refined['trigger_match_rate']:.0%} of them match the group's captions better "
-                f"than their own ({refined['clean_match_rate']:.0%} without it); {k} pairs unlearned")
+                f"than their own ({refined['clean_match_rate']:.0%} without it), and {refined['above_gap']} images "
+                f"stand apart by it (a drop of {refined['gap']:.1f} z); {k} pairs unlearned")
     if evidence:
         return f"backdoor evidence: a group of pairs whose images collapse onto one point; {k} pairs unlearned"
     found = "no strong backdoor evidence: no anomalous group of pairs"

@@ -4,7 +4,7 @@ scan's top set, or a caption concept), and it counts as evidence only if it work
 import numpy as np
 import torch
 
-from ubt_core.defense.refine import MatchedFilter, concept_groups, trigger_match_rate
+from ubt_core.defense.refine import MatchedFilter, concept_groups, largest_gap, trigger_match_rate
 from ubt_core.models import LoadedModel
 
 
@@ -47,6 +47,17 @@ def test_a_caption_concept_holding_the_poisoned_rows_is_a_start_too():
     scores, group = MatchedFilter(pixels, shrinkage=0.01).converge(concept, iterations=10, group_size=60)
     assert poisoned[concept].mean() == 0.1
     assert poisoned[group].mean() >= 0.9
+
+
+def test_the_poisoned_rows_stand_apart_and_a_content_tail_does_not():
+    """Rows sharing one exact pattern end in a cliff of the filter's scores; a heavy content tail fades out."""
+    pixels, poisoned = _pixels()
+    scores, _ = MatchedFilter(pixels, shrinkage=0.01).converge(np.flatnonzero(poisoned), iterations=3, group_size=60)
+    gap, above = largest_gap(scores, (20, 1000))
+    assert above == 60 and gap > 2.0
+    tail = np.random.default_rng(0).standard_t(df=3, size=3000)  # a content direction: heavy-tailed, no group
+    assert largest_gap(tail, (20, 1000))[0] < 2.0
+    assert largest_gap(tail[:10], (20, 1000)) == (0.0, 0)
 
 
 def test_the_pattern_hides_under_the_content_without_whitening():
