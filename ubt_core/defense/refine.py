@@ -50,6 +50,7 @@ class RefineConfig(BaseModel):
     # ... and a drop of this much robust z between two consecutive ranks of the group's scores ...
     min_gap: float = Field(2.0, gt=0)
     gap_ranks: tuple[int, int] = (20, 1000)  # ... somewhere between these ranks (select's min_group and max_k)
+    cut_at_gap: bool = True  # a verified group's unlearning set is the pairs above its drop; False: select's thresholds
     seed: int = 0  # the caption clusters and the check images
 
 

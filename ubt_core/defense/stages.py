@@ -135,8 +135,9 @@ def select_stage(data_uri: str, suspect_embeddings: str, overfit_embeddings: str
     kind, refined = ("collapse" if selection.evidence else None), None
     if refine_cfg.iterations and not selection.evidence and select.k is None and not select.oracle:
         refined = _refine(model_dir, table, columns, suspect.texts, selection.retain, refine_cfg)
-        if refined["verified"]:
-            selection = select_pairs(columns["suspicion"], select, poisoned)
+        if refined["verified"]:  # the pairs above the drop share the pattern: they are the unlearning set
+            cut = {"k": refined["above_gap"]} if refine_cfg.cut_at_gap else {}
+            selection = select_pairs(columns["suspicion"], select.model_copy(update=cut), poisoned)
             kind = "shared pattern" if selection.evidence else None
     rank = np.empty(len(uids), np.int64)
     rank[np.argsort(-columns["suspicion"], kind="stable")] = np.arange(1, len(uids) + 1)
