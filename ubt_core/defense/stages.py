@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import posixpath
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -135,9 +136,11 @@ def select_stage(data_uri: str, suspect_embeddings: str, overfit_embeddings: str
     kind, refined = ("collapse" if selection.evidence else None), None
     if refine_cfg.iterations and not selection.evidence and select.k is None and not select.oracle:
         refined = _refine(model_dir, table, columns, suspect.texts, selection.retain, refine_cfg)
-        if refined["verified"]:  # the pairs above the drop share the pattern: they are the unlearning set
-            cut = {"k": refined["above_gap"]} if refine_cfg.cut_at_gap else {}
-            selection = select_pairs(columns["suspicion"], select.model_copy(update=cut), poisoned)
+        if refined["verified"] and refine_cfg.cut_at_gap:  # the pairs above the drop share the pattern
+            cut = select_pairs(columns["suspicion"], select.model_copy(update={"k": refined["above_gap"]}), poisoned)
+            selection, kind = replace(cut, evidence=True), "shared pattern"  # the verified pattern is the evidence
+        elif refined["verified"]:
+            selection = select_pairs(columns["suspicion"], select, poisoned)
             kind = "shared pattern" if selection.evidence else None
     rank = np.empty(len(uids), np.int64)
     rank[np.argsort(-columns["suspicion"], kind="stable")] = np.arange(1, len(uids) + 1)
