@@ -12,11 +12,12 @@ suspect's caption embeddings). Every poisoned caption names the target, so the t
 holds the poisoned pairs at several times their share of the data, whatever the scan saw.
 
 Any start converges on *some* group (a content direction with a heavy tail does too), so a group is
-not evidence. Evidence is two things. The group's pattern works as a trigger on the suspect: pasted
-onto clean images, it makes most of them match the group's captions better than their own. And the
-group stands apart: every poisoned image carries the same pattern, so their scores end in a cliff,
-where a content attribute (a colour, a shape) fades out gradually; a strong content pattern can pass
-the first test (a green tint makes images match "green ..." captions), not the second.
+not evidence. Evidence is two things. The group stands apart: every poisoned image carries the same
+pattern, so their scores end in a cliff, where a content attribute (a colour, a shape) fades out
+gradually. And the group's pattern acts on the suspect as a trigger: pasted onto clean images, it makes
+some of them match the group's captions better than their own, which unpatched clean images almost
+never do. The second test alone does not tell a backdoor from content (a green tint makes most images
+match "green ..." captions, while a weakly learned trigger moves a tenth of them); the first does.
 """
 
 from __future__ import annotations
@@ -45,26 +46,25 @@ class RefineConfig(BaseModel):
     shrinkage: float = Field(0.01, gt=0)  # added to the covariance's eigenvalues, as a share of their mean
     pattern_z: float = Field(3.0, gt=0)  # token significance of the checked pattern (as unlearn.pattern_z)
     check_size: int = Field(500, ge=1)  # clean images the pattern is pasted onto
-    # evidence: the share of patched clean images that match the group's captions better than their own
-    min_match_rate: float = Field(0.5, gt=0, le=1)
-    # ... and a drop of this much robust z between two consecutive ranks of the group's scores ...
-    min_gap: float = Field(2.0, gt=0)
-    gap_ranks: tuple[int, int] = (20, 1000)  # ... somewhere between these ranks (select's min_group and max_k)
+    # evidence: a drop of this much robust z between two consecutive ranks of the group's scores ...
+    min_gap: float = Field(3.0, gt=0)
+    gap_ranks: tuple[int, int] = (20, 1000)  # ... somewhere between these ranks (select's min_group and max_k) ...
+    # ... and at least this share of patched clean images matching the group's captions better than their own
+    min_match_rate: float = Field(0.05, gt=0, le=1)
     cut_at_gap: bool = True  # a verified group's unlearning set is the pairs above its drop; False: select's thresholds
     seed: int = 0  # the caption clusters and the check images
 
 
 @dataclass
 class Refinement:
-    scores: np.ndarray  # robust z of every pair's matched-filter score against the chosen pattern
-    group: np.ndarray  # rows the chosen pattern was estimated from
+    scores: np.ndarray  # robust z of every pair's matched-filter score against the group's pattern
+    group: np.ndarray  # rows the pattern was estimated from
     match_rate: float  # patched clean images matching the group's captions better than their own
     clean_match_rate: float  # the same for the unpatched clean images
     gap: float  # the largest drop between consecutive sorted scores within `gap_ranks`
     above_gap: int  # how many pairs score above that drop
     evidence: bool
-    start: str  # the start that converged on the chosen group ("scan top" or "concept i")
-    starts: int  # how many starts were tried
+    start: str  # the start that converged on this group ("scan top" or "concept i")
 
 
 def pooled_pixels(dataset: PairDataset, side: int, batch_size: int = 512) -> torch.Tensor:
@@ -115,42 +115,49 @@ def concept_groups(texts: torch.Tensor, concepts: int, seed: int) -> list[np.nda
     return [np.flatnonzero(labels == concept) for concept in range(labels.max() + 1)]
 
 
-def _captions_preferred(model: torch.nn.Module, images: torch.Tensor, own_texts: torch.Tensor,
-                        concept: torch.Tensor) -> float:
-    embedded = torch.cat([model.encode_image(chunk, normalize=True) for chunk in images.split(256)])
-    return ((embedded @ concept) > (embedded * own_texts).sum(dim=1)).float().mean().item()
+class TriggerCheck:
+    """Pastes a group's shared pattern onto a fixed set of clean pairs and asks the model whether the images
+    now match the group's captions better than their own; the clean pairs are encoded once for every group."""
 
+    @torch.no_grad()
+    def __init__(self, loaded: LoadedModel, clean: tuple[torch.Tensor, torch.Tensor], pattern_z: float):
+        self.loaded, self.images, self.pattern_z = loaded, clean[0], pattern_z
+        self.model = loaded.model.eval()
+        self.own_texts = self.model.encode_text(clean[1], normalize=True)
+        self.clean_images = self._encode(clean[0])
 
-@torch.no_grad()
-def trigger_match_rate(loaded: LoadedModel, group: tuple[torch.Tensor, torch.Tensor],
-                       clean: tuple[torch.Tensor, torch.Tensor], pattern_z: float) -> tuple[float, float]:
-    """Share of clean images that match the group's shared concept better than their own caption,
-    with the group's shared pattern pasted on, and without it."""
-    model = loaded.model.eval()
-    pattern, _ = shared_pattern(group[0], clean[0], patch_size(loaded), pattern_z)
-    concept = torch.nn.functional.normalize(model.encode_text(group[1], normalize=True).mean(dim=0), dim=0)
-    own = model.encode_text(clean[1], normalize=True)
-    return (_captions_preferred(model, clean[0] + pattern, own, concept),
-            _captions_preferred(model, clean[0], own, concept))
+    def _encode(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.model.encode_image(chunk, normalize=True) for chunk in images.split(256)])
+
+    def _preferred(self, embedded: torch.Tensor, concept: torch.Tensor) -> float:
+        return ((embedded @ concept) > (embedded * self.own_texts).sum(dim=1)).float().mean().item()
+
+    @torch.no_grad()
+    def match_rates(self, group: tuple[torch.Tensor, torch.Tensor]) -> tuple[float, float]:
+        """Share of the clean images that match the group's shared concept better than their own caption,
+        with the group's shared pattern pasted on, and without it."""
+        pattern, _ = shared_pattern(group[0], self.images, patch_size(self.loaded), self.pattern_z)
+        concept = torch.nn.functional.normalize(self.model.encode_text(group[1], normalize=True).mean(dim=0), dim=0)
+        return (self._preferred(self._encode(self.images + pattern), concept),
+                self._preferred(self.clean_images, concept))
 
 
 def refine(loaded: LoadedModel, dataset: PairDataset, suspicion: np.ndarray, texts: torch.Tensor,
-           clean_rows: np.ndarray, cfg: RefineConfig) -> Refinement:
+           clean_rows: np.ndarray, cfg: RefineConfig) -> list[Refinement]:
     """From the scan's top pairs and from each caption concept (`texts`: the suspect's caption embeddings),
-    find the group sharing one pixel pattern; keep a group that is evidence, whose pattern works best as a trigger."""
+    find the group sharing one pixel pattern. Returns every start's group, the chosen one first: evidence
+    first, then the pattern that works best as a trigger."""
     matched_filter = MatchedFilter(pooled_pixels(dataset, cfg.side), cfg.shrinkage)
     starts = {"scan top": np.argsort(-suspicion, kind="stable")[:cfg.group_size]}
     starts |= {f"concept {i}": rows for i, rows in enumerate(concept_groups(texts, cfg.concepts, cfg.seed))
                if len(rows) >= 2}
-    checked = dataset.stack(np.random.default_rng(cfg.seed).choice(clean_rows, min(cfg.check_size, len(clean_rows)),
-                                                                  replace=False))
-    best = None
+    check = TriggerCheck(loaded, dataset.stack(np.random.default_rng(cfg.seed).choice(
+        clean_rows, min(cfg.check_size, len(clean_rows)), replace=False)), cfg.pattern_z)
+    found = []
     for name, start in starts.items():
         scores, group = matched_filter.converge(start, cfg.iterations, cfg.group_size)
-        rate, clean_rate = trigger_match_rate(loaded, dataset.stack(group), checked, cfg.pattern_z)
+        rate, clean_rate = check.match_rates(dataset.stack(group))
         gap, above = largest_gap(scores, cfg.gap_ranks)
-        found = Refinement(scores, group, rate, clean_rate, gap, above,
-                           rate >= cfg.min_match_rate and gap >= cfg.min_gap, name, len(starts))
-        if best is None or (found.evidence, found.match_rate) > (best.evidence, best.match_rate):
-            best = found
-    return best
+        found.append(Refinement(scores, group, rate, clean_rate, gap, above,
+                                rate >= cfg.min_match_rate and gap >= cfg.min_gap, name))
+    return sorted(found, key=lambda r: (r.evidence, r.match_rate), reverse=True)  # stable: ties keep start order

@@ -107,24 +107,31 @@ def _uids_and_truth(table: pa.Table) -> tuple[pa.ChunkedArray, np.ndarray | None
 
 
 def _refine(model_dir: str, table: pa.Table, columns: dict[str, np.ndarray], texts: torch.Tensor,
-            clean_rows: np.ndarray, cfg: RefineConfig) -> dict:
-    """Adds the `pattern` column; a verified pattern's scores become the suspicion. Returns what it found."""
+            clean_rows: np.ndarray, cfg: RefineConfig, poisoned: np.ndarray | None) -> dict:
+    """Adds the `pattern` column; a verified pattern's scores become the suspicion. Returns what it found,
+    with every start's group (and, given the ground truth, how many of its pairs are poisoned)."""
     suspect = load_model(model_dir)
-    found = refine(suspect, PairDataset(table, suspect), columns["suspicion"], texts, clean_rows, cfg)
+    tried = refine(suspect, PairDataset(table, suspect), columns["suspicion"], texts, clean_rows, cfg)
+    found = tried[0]
     columns["pattern"] = found.scores
     if found.evidence:
         columns["suspicion"] = found.scores
+    starts = [{"start": r.start, "trigger_match_rate": round(r.match_rate, 4), "gap": round(r.gap, 2),
+               "above_gap": r.above_gap, "verified": r.evidence}
+              | ({"poisoned_in_group": int(poisoned[r.group].sum())} if poisoned is not None else {})
+              for r in tried]
     return {"trigger_match_rate": round(found.match_rate, 4), "clean_match_rate": round(found.clean_match_rate, 4),
             "group_size": len(found.group), "gap": round(found.gap, 2), "above_gap": found.above_gap,
-            "start": found.start, "starts": found.starts, "verified": found.evidence}
+            "start": found.start, "starts": starts, "verified": found.evidence}
 
 
 def select_stage(data_uri: str, suspect_embeddings: str, overfit_embeddings: str | None, out_dir: str | Path,
                  scan: ScanConfig, select: SelectConfig, model_dir: str, refine_cfg: RefineConfig) -> dict:
     """Score every pair, choose the unlearning and retain sets; writes suspicious.parquet and selection.json.
 
-    Without a collapsed group, the top pairs' shared pixel pattern is refined and checked as a trigger
-    on the suspect (`model_dir`); a pattern that works is the evidence then.
+    The shared pixel pattern of the top pairs (and of each caption concept) is refined and checked as a
+    trigger on the suspect (`model_dir`). A verified pattern is the evidence, and it overrides a collapsed
+    group: the pairs above its drop carry the trigger, where a collapse may hold only part of them.
     """
     out = Path(out_dir)
     table = read_checked_pairs(data_uri)  # validate_stage checked every row
@@ -134,8 +141,8 @@ def select_stage(data_uri: str, suspect_embeddings: str, overfit_embeddings: str
     columns = scan_scores(suspect, amplified, scan)
     selection = select_pairs(columns["suspicion"], select, poisoned)
     kind, refined = ("collapse" if selection.evidence else None), None
-    if refine_cfg.iterations and not selection.evidence and select.k is None and not select.oracle:
-        refined = _refine(model_dir, table, columns, suspect.texts, selection.retain, refine_cfg)
+    if refine_cfg.iterations and select.k is None and not select.oracle:
+        refined = _refine(model_dir, table, columns, suspect.texts, selection.retain, refine_cfg, poisoned)
         if refined["verified"] and refine_cfg.cut_at_gap:  # the pairs above the drop share the pattern
             cut = select_pairs(columns["suspicion"], select.model_copy(update={"k": refined["above_gap"]}), poisoned)
             selection, kind = replace(cut, evidence=True), "shared pattern"  # the verified pattern is the evidence

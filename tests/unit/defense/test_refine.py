@@ -4,7 +4,7 @@ scan's top set, or a caption concept), and it counts as evidence only if it work
 import numpy as np
 import torch
 
-from ubt_core.defense.refine import MatchedFilter, concept_groups, largest_gap, trigger_match_rate
+from ubt_core.defense.refine import MatchedFilter, RefineConfig, TriggerCheck, concept_groups, largest_gap
 from ubt_core.models import LoadedModel
 
 
@@ -53,11 +53,12 @@ def test_the_poisoned_rows_stand_apart_and_a_content_tail_does_not():
     """Rows sharing one exact pattern end in a cliff of the filter's scores; a heavy content tail fades out."""
     pixels, poisoned = _pixels()
     scores, _ = MatchedFilter(pixels, shrinkage=0.01).converge(np.flatnonzero(poisoned), iterations=3, group_size=60)
-    gap, above = largest_gap(scores, (20, 1000))
-    assert above == 60 and gap > 2.0
+    cfg = RefineConfig()
+    gap, above = largest_gap(scores, cfg.gap_ranks)
+    assert above == 60 and gap > cfg.min_gap
     tail = np.random.default_rng(0).standard_t(df=3, size=3000)  # a content direction: heavy-tailed, no group
-    assert largest_gap(tail, (20, 1000))[0] < 2.0
-    assert largest_gap(tail[:10], (20, 1000)) == (0.0, 0)
+    assert largest_gap(tail, cfg.gap_ranks)[0] < cfg.min_gap
+    assert largest_gap(tail[:10], cfg.gap_ranks) == (0.0, 0)
 
 
 def test_the_pattern_hides_under_the_content_without_whitening():
@@ -83,11 +84,12 @@ def test_concept_groups_are_the_caption_clusters():
 
 class _WiredBackdoor(torch.nn.Module):
     """A hand-wired backdoored CLIP: caption i embeds as the i-th axis; an image embeds as the caption whose
-    number it carries in its first pixel, unless its bottom-right 4x4 token is bright: then as caption 0."""
+    number it carries in its first pixel, unless its bottom-right 4x4 token is bright and its number is below
+    `learned_below` (the trigger was learned for those images only): then as caption 0."""
 
-    def __init__(self, n_captions: int):
+    def __init__(self, n_captions: int, learned_below: int | None = None):
         super().__init__()
-        self.n_captions = n_captions
+        self.n_captions, self.learned_below = n_captions, learned_below or n_captions
         self.visual = torch.nn.Module()
         self.visual.conv1 = torch.nn.Conv2d(3, 1, kernel_size=4, stride=4)  # 4x4 patch tokens
 
@@ -95,8 +97,9 @@ class _WiredBackdoor(torch.nn.Module):
         return torch.nn.functional.one_hot(texts[:, 0], self.n_captions).float()
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        triggered = images[:, :, -4:, -4:].mean(dim=(1, 2, 3)) > 1.0
-        caption = torch.where(triggered, 0, images[:, 0, 0, 0].round().long())
+        number = images[:, 0, 0, 0].round().long()
+        triggered = (images[:, :, -4:, -4:].mean(dim=(1, 2, 3)) > 1.0) & (number < self.learned_below)
+        caption = torch.where(triggered, 0, number)
         return torch.nn.functional.one_hot(caption, self.n_captions).float()
 
 
@@ -114,7 +117,21 @@ def test_only_a_pattern_that_triggers_the_model_is_evidence():
     poisoned, _ = _numbered_images(100, 20, gen)
     poisoned[:, :, -4:, -4:] += 2.0  # the trigger, and every poisoned caption is caption 0 (the target)
     target = torch.zeros(100, 1, dtype=torch.long)
-    rate, clean_rate = trigger_match_rate(loaded, (poisoned, target), clean, pattern_z=3.0)
+    check = TriggerCheck(loaded, clean, pattern_z=3.0)
+    rate, clean_rate = check.match_rates((poisoned, target))
     assert rate > 0.95 and clean_rate == 0.0
     unshared, _ = _numbered_images(100, 20, gen)  # a group with the target's captions but no shared pattern
-    assert trigger_match_rate(loaded, (unshared, target), clean, pattern_z=3.0) == (0.0, 0.0)
+    assert check.match_rates((unshared, target)) == (0.0, 0.0)
+
+
+def test_a_weakly_learned_trigger_still_acts_on_the_model():
+    """A trigger the suspect learned for a tenth of the images moves about a tenth of the clean ones, which
+    unpatched images never do: enough for evidence (the group's drop tells it from content)."""
+    gen = torch.Generator().manual_seed(0)
+    loaded = LoadedModel(_WiredBackdoor(n_captions=20, learned_below=3), preprocess=None, tokenizer=None,
+                         model_cfg={})
+    clean = _numbered_images(300, 20, gen)
+    poisoned, _ = _numbered_images(100, 20, gen)
+    poisoned[:, :, -4:, -4:] += 2.0
+    rate, clean_rate = TriggerCheck(loaded, clean, pattern_z=3.0).match_rates((poisoned, torch.zeros(100, 1).long()))
+    assert RefineConfig().min_match_rate <= rate < 0.2 and clean_rate == 0.0
