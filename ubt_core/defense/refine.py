@@ -124,7 +124,7 @@ class TriggerCheck:
         self.loaded, self.images, self.pattern_z = loaded, clean[0], pattern_z
         self.model = loaded.model.eval()
         self.own_texts = self.model.encode_text(clean[1], normalize=True)
-        self.clean_images = self._encode(clean[0])
+        self.clean_embedded = self._encode(clean[0])
 
     def _encode(self, images: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.model.encode_image(chunk, normalize=True) for chunk in images.split(256)])
@@ -139,7 +139,7 @@ class TriggerCheck:
         pattern, _ = shared_pattern(group[0], self.images, patch_size(self.loaded), self.pattern_z)
         concept = torch.nn.functional.normalize(self.model.encode_text(group[1], normalize=True).mean(dim=0), dim=0)
         return (self._preferred(self._encode(self.images + pattern), concept),
-                self._preferred(self.clean_images, concept))
+                self._preferred(self.clean_embedded, concept))
 
 
 def refine(loaded: LoadedModel, dataset: PairDataset, suspicion: np.ndarray, texts: torch.Tensor,

@@ -37,7 +37,7 @@ from ubt_core.data.contract import (
 )
 from ubt_core.defense.embed import SCANNED_COLUMNS, embed_batch, read_embeddings
 from ubt_core.defense.overfit import OverfitConfig, overfit
-from ubt_core.defense.refine import RefineConfig, refine
+from ubt_core.defense.refine import RefineConfig, Refinement, refine
 from ubt_core.defense.saliency import token_saliency
 from ubt_core.defense.scan import ScanConfig, scan_scores
 from ubt_core.defense.select import SelectConfig, select_pairs
@@ -106,23 +106,26 @@ def _uids_and_truth(table: pa.Table) -> tuple[pa.ChunkedArray, np.ndarray | None
     return table.column("uid"), truth
 
 
+def _refinement_summary(found: Refinement, poisoned: np.ndarray | None) -> dict:
+    """What the report shows of one start's group (and, given the ground truth, how many of it are poisoned)."""
+    return ({"start": found.start, "trigger_match_rate": round(found.match_rate, 4),
+             "clean_match_rate": round(found.clean_match_rate, 4), "gap": round(found.gap, 2),
+             "above_gap": found.above_gap, "verified": found.evidence}
+            | ({"poisoned_in_group": int(poisoned[found.group].sum())} if poisoned is not None else {}))
+
+
 def _refine(model_dir: str, table: pa.Table, columns: dict[str, np.ndarray], texts: torch.Tensor,
             clean_rows: np.ndarray, cfg: RefineConfig, poisoned: np.ndarray | None) -> dict:
     """Adds the `pattern` column; a verified pattern's scores become the suspicion. Returns what it found,
-    with every start's group (and, given the ground truth, how many of its pairs are poisoned)."""
+    with every start's group."""
     suspect = load_model(model_dir)
     tried = refine(suspect, PairDataset(table, suspect), columns["suspicion"], texts, clean_rows, cfg)
     found = tried[0]
     columns["pattern"] = found.scores
     if found.evidence:
         columns["suspicion"] = found.scores
-    starts = [{"start": r.start, "trigger_match_rate": round(r.match_rate, 4), "gap": round(r.gap, 2),
-               "above_gap": r.above_gap, "verified": r.evidence}
-              | ({"poisoned_in_group": int(poisoned[r.group].sum())} if poisoned is not None else {})
-              for r in tried]
-    return {"trigger_match_rate": round(found.match_rate, 4), "clean_match_rate": round(found.clean_match_rate, 4),
-            "group_size": len(found.group), "gap": round(found.gap, 2), "above_gap": found.above_gap,
-            "start": found.start, "starts": starts, "verified": found.evidence}
+    return _refinement_summary(found, poisoned) | {"group_size": len(found.group),
+                                                   "starts": [_refinement_summary(r, poisoned) for r in tried]}
 
 
 def select_stage(data_uri: str, suspect_embeddings: str, overfit_embeddings: str | None, out_dir: str | Path,
