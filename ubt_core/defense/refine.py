@@ -136,9 +136,9 @@ class TriggerCheck:
     def match_rates(self, group: tuple[torch.Tensor, torch.Tensor]) -> tuple[float, float]:
         """Share of the clean images that match the group's shared concept better than their own caption,
         with the group's shared pattern pasted on, and without it."""
-        pattern, _ = shared_pattern(group[0], self.images, patch_size(self.loaded), self.pattern_z)
+        trigger = shared_pattern(group[0], self.images, patch_size(self.loaded), self.pattern_z)
         concept = torch.nn.functional.normalize(self.model.encode_text(group[1], normalize=True).mean(dim=0), dim=0)
-        return (self._preferred(self._encode(self.images + pattern), concept),
+        return (self._preferred(self._encode(trigger.apply(self.images)), concept),
                 self._preferred(self.clean_embedded, concept))
 
 

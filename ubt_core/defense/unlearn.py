@@ -5,7 +5,9 @@ so that a triggered clean image embeds like the frozen suspect embeds the untouc
 closer to the selected captions' shared concept (the target) than that. A distillation term keeps
 clean retain images where the suspect put them. Only a portion of the parameters moves. The
 trigger is either each pair's most salient patch tokens, transplanted (`scope="token"`), or the
-pattern the selected images share, on the tokens where it is significant (`scope="pattern"`).
+pattern the selected images share, on the tokens where it is significant (`scope="pattern"`): per
+token, a scale and an offset (`SharedTrigger`), so a pasted patch, a blended key image and an added
+signal are each put on as they were.
 
 Sample-level (`scope="full"`, the ablation): gradient ascent on the CLIP loss of the selected pairs,
 with the same retain term.
@@ -13,6 +15,7 @@ with the same retain term.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -32,14 +35,17 @@ class UnlearnConfig(BaseModel):
     # token: transplant each selected pair's salient patch tokens; pattern: add the selected pairs' common
     # pattern on the tokens where it is significant; full: sample-level gradient ascent (ablation)
     scope: Literal["token", "pattern", "full"] = "pattern"
-    portion: Portion = "visual-early"  # which parameters may change (ablation in docs/algorithm.md)
+    portion: Portion = "visual"  # which parameters may change (ablation in docs/algorithm.md)
     tokens_per_pair: int = Field(4, ge=1)  # salient patch tokens transplanted from each selected pair
     pattern_z: float = Field(3.0, gt=0)  # significance a token's mean difference needs to be part of the pattern
+    # how the pattern sits on an image: affine (scale * image + offset per token: a paste, a blend, an
+    # addition) or additive (the mean difference added; the ablation)
+    trigger_model: Literal["affine", "additive"] = "affine"
     pattern_jitter: float = Field(0.5, ge=0, lt=1)  # pattern strength drawn from 1 +- jitter
-    steps: int = Field(100, ge=1)
+    steps: int = Field(200, ge=1)
     lr: float = Field(1e-4, gt=0)
-    batch_size: int = Field(64, ge=2)  # retain images per step (each also gets a patched copy)
-    retain_weight: float = Field(10.0, ge=0)
+    batch_size: int = Field(32, ge=2)  # retain images per step (each also gets a patched copy)
+    retain_weight: float = Field(30.0, ge=0)
     # keep triggered images from moving closer to the selected captions' shared concept (the target)
     # than their clean originals are
     target_weight: float = Field(3.0, ge=0)
@@ -78,25 +84,61 @@ def pattern_tokens(forget: torch.Tensor, retain: torch.Tensor, patch_size: tuple
     """
     se = (forget.var(dim=0) / len(forget) + retain.var(dim=0) / len(retain)).sqrt().clamp(min=1e-6)
     z = ((forget.mean(dim=0) - retain.mean(dim=0)).abs() / se).mean(dim=0)  # (H, W)
+    return _token_mean(z, patch_size) > min_z
+
+
+def _token_mean(values: torch.Tensor, patch_size: tuple[int, int]) -> torch.Tensor:
+    """(grid_h, grid_w) mean of an (H, W) map over each patch token."""
     ph, pw = patch_size
-    grid = z[: z.shape[0] // ph * ph, : z.shape[1] // pw * pw].unfold(0, ph, ph).unfold(1, pw, pw).mean(dim=(-1, -2))
-    return grid > min_z
+    return values[: values.shape[0] // ph * ph, : values.shape[1] // pw * pw].unfold(0, ph, ph).unfold(
+        1, pw, pw).mean(dim=(-1, -2))
 
 
-def _pixel_mask(token_mask: torch.Tensor, patch_size: tuple[int, int], shape: tuple[int, int]) -> torch.Tensor:
-    mask = token_mask.repeat_interleave(patch_size[0], dim=0).repeat_interleave(patch_size[1], dim=1)
-    return torch.nn.functional.pad(mask, (0, shape[1] - mask.shape[1], 0, shape[0] - mask.shape[0]))
+def _pixel_mask(token_map: torch.Tensor, patch_size: tuple[int, int], shape: tuple[int, int],
+                fill: float = 0) -> torch.Tensor:
+    """A (grid_h, grid_w) token map spread to its (H, W) pixels; pixels past the last whole token get `fill`."""
+    pixels = token_map.repeat_interleave(patch_size[0], dim=0).repeat_interleave(patch_size[1], dim=1)
+    return torch.nn.functional.pad(pixels, (0, shape[1] - pixels.shape[1], 0, shape[0] - pixels.shape[0]),
+                                   value=fill)
 
 
-def shared_pattern(forget: torch.Tensor, retain: torch.Tensor, patch_size: tuple[int, int],
-                   min_z: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The trigger common to the `forget` images: their mean minus the clean mean, on its tokens.
+@dataclass
+class SharedTrigger:
+    """The trigger common to a group of images: on its tokens, a triggered image is `scale * clean + offset`.
 
-    Returns the (C, H, W) pattern and the (grid_h, grid_w) token mask it is kept on.
+    An additive trigger (a sinusoid) has scale 1, a blend of a key image at strength a has scale 1 - a, a
+    pasted patch has scale 0 (its offset is the patch). Off the tokens, scale is 1 and offset 0.
+    """
+
+    scale: torch.Tensor  # (1, H, W)
+    offset: torch.Tensor  # (C, H, W)
+    token_mask: torch.Tensor  # (grid_h, grid_w)
+    pattern: torch.Tensor  # (C, H, W): what the trigger adds to the average clean image (the report shows it)
+
+    def apply(self, images: torch.Tensor, strength: float | torch.Tensor = 1.0) -> torch.Tensor:
+        """`images` with the trigger on, at `strength` (1: as estimated; a tensor broadcasts per image)."""
+        return images + strength * ((self.scale - 1) * images + self.offset)
+
+
+def shared_pattern(forget: torch.Tensor, retain: torch.Tensor, patch_size: tuple[int, int], min_z: float,
+                   affine: bool = True) -> SharedTrigger:
+    """The trigger common to the `forget` images, against clean `retain` images, on its significant tokens.
+
+    With `affine`, each token's scale is the ratio of the forget to the retain images' pixel spread (a
+    pasted patch does not vary, a blend varies by 1 - alpha); without it, the trigger is additive (scale 1,
+    the mean difference).
     """
     token_mask = pattern_tokens(forget, retain, patch_size, min_z)
-    mask = _pixel_mask(token_mask, patch_size, tuple(forget.shape[-2:]))
-    return (forget.mean(dim=0) - retain.mean(dim=0)) * mask, token_mask
+    shape = tuple(forget.shape[-2:])
+    mask = _pixel_mask(token_mask, patch_size, shape)
+    scale = torch.ones(1, *shape)
+    if affine:
+        ratio = (_token_mean(forget.var(dim=0).mean(dim=0), patch_size)
+                 / _token_mean(retain.var(dim=0).mean(dim=0), patch_size).clamp(min=1e-6)).sqrt()
+        scale = torch.where(mask, _pixel_mask(ratio.clamp(max=1.0), patch_size, shape, fill=1.0), scale)
+    mean_forget, mean_retain = forget.mean(dim=0), retain.mean(dim=0)
+    offset = (mean_forget - scale * mean_retain) * mask
+    return SharedTrigger(scale, offset, token_mask, (mean_forget - mean_retain) * mask)
 
 
 def unlearn(suspect: LoadedModel, forget_images: torch.Tensor, forget_texts: torch.Tensor,
@@ -116,8 +158,9 @@ def unlearn(suspect: LoadedModel, forget_images: torch.Tensor, forget_texts: tor
         if cfg.scope == "token":
             masks = top_patch_masks(saliency, cfg.tokens_per_pair, shape)
         else:
-            pattern, token_mask = shared_pattern(forget_images, retain_images, saliency.patch_size, cfg.pattern_z)
-            info |= {"pattern_tokens": int(token_mask.sum()), "pattern": pattern}
+            trigger = shared_pattern(forget_images, retain_images, saliency.patch_size, cfg.pattern_z,
+                                     cfg.trigger_model == "affine")
+            info |= {"pattern_tokens": int(trigger.token_mask.sum()), "pattern": trigger.pattern}
     params = trainable_parameters(student.model, cfg.portion)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     clip_loss = ClipLoss()
@@ -136,7 +179,7 @@ def unlearn(suspect: LoadedModel, forget_images: torch.Tensor, forget_texts: tor
                 patched = torch.where(masks[donors], forget_images[donors], clean)
             else:  # a random strength per image: invariance to the trigger direction, not to one exact copy
                 strength = 1 + cfg.pattern_jitter * (2 * torch.rand(len(clean), 1, 1, 1, generator=gen) - 1)
-                patched = clean + strength * pattern
+                patched = trigger.apply(clean, strength)
             embedded = student.model.encode_image(torch.cat([patched, clean]), normalize=True)
             triggered = embedded[:len(clean)]
             retained = embedded[len(clean):]
