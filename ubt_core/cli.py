@@ -333,38 +333,72 @@ def _add_bench(sub) -> None:
     p.add_argument("--ubt-config", help="JSON file of DefenseConfig overrides for UBT, as `ubt defend --config`")
     p.add_argument("--rows", help="keep each finished cell's result row here (default OUT/rows); rows already "
                                   "there are reused, so a comparison can be completed over several runs")
+    _add_world_flags(p)
+    p.add_argument("--doc", help="also write the table into this Markdown file, e.g. docs/benchmark.md")
+    p.set_defaults(func=_bench)
+
+
+def _add_world_flags(p) -> None:
+    """The benchmark world's flags: a comparison's cells are named by them."""
     p.add_argument("--setting", choices=["scratch", "finetune"], help="threat setting (default scratch)")
     p.add_argument("--rate", type=float, help="poison rate (default 0.01)")
     p.add_argument("--epochs", type=int, help="training epochs (default: the benchmark's)")
     p.add_argument("--train-pairs", type=int)
     p.add_argument("--eval-images", type=int)
-    p.add_argument("--doc", help="also write the table into this Markdown file, e.g. docs/benchmark.md")
-    p.set_defaults(func=_bench)
+
+
+def _bench_config(args):
+    from ubt_core.bench import BenchConfig
+
+    return BenchConfig(attacks=args.attacks.split(","), **_given(args, setting="setting", rate="rate"),
+                       **_bench_overrides(args, "finetune" if args.setting == "finetune" else "train"))
 
 
 def _bench(args) -> None:
-    from ubt_core.bench import BenchConfig, run_bench
+    from ubt_core.bench import run_bench
+    from ubt_core.defense.compare import run_compare
 
-    cfg = BenchConfig(attacks=args.attacks.split(","), **_given(args, setting="setting", rate="rate"),
-                      **_bench_overrides(args, "finetune" if args.setting == "finetune" else "train"))
+    cfg = _bench_config(args)
     command = " ".join(["ubt", *sys.argv[1:]])
     if args.defenses:
-        print(_compare(args, cfg, command))
+        print(run_compare(args.out, _compare_config(args, cfg, args.defenses.split(",")), doc=args.doc,
+                          command=command, rows_dir=args.rows))
         return
     print(run_bench(args.out, cfg, doc=args.doc, command=command).markdown)
 
 
-def _compare(args, bench, command: str) -> str:
-    from ubt_core.defense.compare import CompareConfig, run_compare
+def _compare_config(args, bench, defenses: list[str]):
+    from ubt_core.defense.compare import CompareConfig
 
     try:
         seeds = [int(seed) for seed in args.seeds.split(",")]
     except ValueError:
         raise UbtError(f"--seeds {args.seeds}: expected comma-separated integers, e.g. 0,1,2.") from None
-    cfg = CompareConfig(attacks=bench.attacks, defenses=args.defenses.split(","), seeds=seeds, bench=bench,
-                        baseline=_json_file(args.baseline_config, "--baseline-config") if args.baseline_config else {},
-                        ubt=_json_file(args.ubt_config, "--ubt-config") if args.ubt_config else {})
-    return run_compare(args.out, cfg, doc=args.doc, command=command, rows_dir=args.rows)
+    baseline = getattr(args, "baseline_config", None)
+    return CompareConfig(attacks=bench.attacks, defenses=defenses, seeds=seeds, bench=bench,
+                         baseline=_json_file(baseline, "--baseline-config") if baseline else {},
+                         ubt=_json_file(args.ubt_config, "--ubt-config") if args.ubt_config else {})
+
+
+def _add_bench_unlearn(sub) -> None:
+    p = sub.add_parser("bench-unlearn", help="re-run only UBT's unlearning step, with other settings, on the "
+                                             "UBT cells of `ubt bench --defenses ...,ubt` (same selection)")
+    p.add_argument("--out", required=True, help="the work directory of the comparison")
+    p.add_argument("--variants", required=True, help="JSON file {name: UnlearnConfig overrides}")
+    p.add_argument("--attacks", default="badnet,blended,sig,label-consistent", help="comma-separated attacks")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    p.add_argument("--ubt-config", help="the comparison's --ubt-config, if it had one (names its UBT cells)")
+    _add_world_flags(p)
+    p.add_argument("--doc", help="also write the table into this Markdown file, e.g. docs/algorithm.md")
+    p.set_defaults(func=_bench_unlearn)
+
+
+def _bench_unlearn(args) -> None:
+    from ubt_core.defense.sweep import SweepConfig, run_unlearn_sweep
+
+    cfg = SweepConfig(compare=_compare_config(args, _bench_config(args), ["ubt"]),
+                      variants=_json_file(args.variants, "--variants"))
+    print(run_unlearn_sweep(args.out, cfg, doc=args.doc, command=" ".join(["ubt", *sys.argv[1:]])))
 
 
 def _bench_overrides(args, trained: str = "train") -> dict:
@@ -420,7 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("model", help="checkpoints: import").add_subparsers(required=True, metavar="COMMAND")
     _add_model_import(models)
     for add in (_add_poison, _add_train, _add_eval, _add_defend, _add_flow, _add_demo, _add_bench, _add_bench_defense,
-                _add_size_benches):
+                _add_bench_unlearn, _add_size_benches):
         add(sub)
     return parser
 

@@ -24,3 +24,14 @@ def test_bench_refuses_unknown_defenses_and_bad_seeds(ubt_main, tmp_path):
     assert "defenses" in proc.stderr and "magic" in proc.stderr
     proc = ubt_main("bench", "--out", str(tmp_path), "--defenses", "none", "--seeds", "0,x", ok=False)
     assert "--seeds 0,x" in proc.stderr
+
+
+def test_bench_unlearn_refuses_unknown_settings_and_names_a_missing_ubt_cell(ubt_main, tmp_path):
+    variants = tmp_path / "variants.json"
+    variants.write_text(json.dumps({"short": {"stepz": 1}}))
+    proc = ubt_main("bench-unlearn", "--out", str(tmp_path / "work"), "--variants", str(variants), ok=False)
+    assert "stepz" in proc.stderr
+    variants.write_text(json.dumps({"short": {"steps": 1}}))
+    proc = ubt_main("bench-unlearn", "--out", str(tmp_path / "work"), "--variants", str(variants),
+                    "--attacks", "sig", "--seeds", "1", ok=False)
+    assert "no UBT selection for seed 1, sig; run `ubt bench --out" in proc.stderr

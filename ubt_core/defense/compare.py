@@ -67,7 +67,8 @@ def clean_subset(data_uri: str, out_uri: str, fraction: float, seed: int) -> str
     return out_uri
 
 
-def _ubt_config(overrides: dict, seed: int) -> DefenseConfig:
+def ubt_cell_config(overrides: dict, seed: int) -> DefenseConfig:
+    """UBT's settings in a cell of `seed`: `overrides` over the defaults, every stage seeded with `seed`."""
     seeded = {section: {"seed": seed} for section in ("overfit", "scan", "refine", "select", "unlearn")}
     return variant_config(merge_settings(seeded, overrides))
 
@@ -87,7 +88,7 @@ def _cell_digest(seed: int, defense: str, cfg: CompareConfig) -> str:
     """Names a cell by every setting its result depends on (not by the other cells of the comparison)."""
     settings = {"bench": cfg.bench.model_dump(exclude={"attacks", "seed"}), "defense": defense, "seed": seed}
     if defense == "ubt":
-        settings["ubt"] = _ubt_config(cfg.ubt, seed).model_dump()
+        settings["ubt"] = ubt_cell_config(cfg.ubt, seed).model_dump()
     elif defense != "none":
         settings["baseline"] = cfg.baseline.model_dump()
     if defense in NEEDS_CLEAN_SET:
@@ -100,21 +101,32 @@ def row_file(rows_dir: Path, seed: int, attack: str, defense: str, cfg: CompareC
     return rows_dir / f"seed-{seed}" / f"{_cell_digest(seed, defense, cfg)}-{attack}.json"
 
 
+def cell_dir(seed_dir: Path, seed: int, attack: str, defense: str, cfg: CompareConfig) -> Path:
+    """Where one cell's defense writes its outputs (for UBT, the outputs of `ubt defend`)."""
+    return seed_dir / "defense" / _cell_digest(seed, defense, cfg) / attack
+
+
+def cell_inputs(seed_dir: Path, attack: str, cfg: CompareConfig) -> tuple[Path, Path]:
+    """The backdoored model and its poisoned training data that every defense of `attack` gets."""
+    bench = cfg.bench
+    return (seed_dir / "models" / f"{bench.setting}-{attack}-{bench.rate}",
+            seed_dir / "data" / f"{attack}-{bench.rate}")
+
+
 def run_cell(seed_dir: Path, rows_dir: Path, seed: int, attack: str, defense: str, cfg: CompareConfig) -> dict:
     """Defend one backdoored model with one defense and evaluate it; returns (and keeps) the result row."""
     kept = row_file(rows_dir, seed, attack, defense, cfg)
     if kept.is_file():
         return json.loads(kept.read_text())
     bench = cfg.bench
-    out = seed_dir / "defense" / _cell_digest(seed, defense, cfg) / attack
-    data = seed_dir / "data" / f"{attack}-{bench.rate}"
-    model_dir = seed_dir / "models" / f"{bench.setting}-{attack}-{bench.rate}"
+    out = cell_dir(seed_dir, seed, attack, defense, cfg)
+    model_dir, data = cell_inputs(seed_dir, attack, cfg)
     row = {"seed": seed, "attack": attack, "defense": defense, "setting": bench.setting, "seconds": 0.0,
            "pair_passes": 0, "pairs_trained": 0, "k": None, "precision_at_k": None, "recall_at_k": None,
            "auroc": None}
     defended = model_dir
     if defense == "ubt":
-        ubt_cfg = _ubt_config(cfg.ubt, seed)
+        ubt_cfg = ubt_cell_config(cfg.ubt, seed)
         report = defend(str(model_dir), str(data), out, ubt_cfg)
         row["pair_passes"], row["pairs_trained"] = _ubt_training(ubt_cfg, report, report["n_pairs"])
         defended = out / "model"

@@ -32,7 +32,7 @@ Portion = Literal["all", "visual", "visual-early"]
 class UnlearnConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a misspelt setting is an error, not a silent default
 
-    # token: transplant each selected pair's salient patch tokens; pattern: add the selected pairs' common
+    # token: transplant each selected pair's salient patch tokens; pattern: put on the selected pairs' common
     # pattern on the tokens where it is significant; full: sample-level gradient ascent (ablation)
     scope: Literal["token", "pattern", "full"] = "pattern"
     portion: Portion = "visual"  # which parameters may change (ablation in docs/algorithm.md)
