@@ -135,7 +135,7 @@ def test_redaction_masks_passwords_and_signed_query_strings(minimal):
 
 def test_flatten_config_gives_dotted_string_params(minimal):
     flat = flatten_config(redacted_config(load_run_config(minimal)))
-    assert flat["defense.unlearn.steps"] == "100" and flat["data.eval"] == "null"
+    assert flat["defense.unlearn.steps"] == str(DefenseConfig().unlearn.steps) and flat["data.eval"] == "null"
     assert flat["data.train"].endswith("/runs/demo/data/poisoned-badnet") and flat["ray.use_gpu"] == "false"
     assert all(isinstance(v, str) for v in flat.values())
     assert flatten_config({"a": {"b": {"c": [1, 2]}}, "d": {}}) == {"a.b.c": "[1, 2]", "d": "{}"}
