@@ -9,7 +9,6 @@ ASR after and CA change against the backdoored model, per seed and as the mean o
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -21,10 +20,11 @@ import numpy as np
 import torch
 from pydantic import BaseModel, Field, field_validator
 
-from ubt_core.attacks import read_manifest
+from ubt_core.attacks import TriggerSpec, read_manifest
 from ubt_core.bench import write_doc_section
+from ubt_core.config import config_digest
 from ubt_core.data.contract import write_json
-from ubt_core.defense.bench import merge_settings
+from ubt_core.defense.bench import merge_settings, variant_config
 from ubt_core.defense.compare import CompareConfig, cell_dir, cell_inputs, ubt_cell_config
 from ubt_core.defense.stages import SUSPICIOUS_FILE, unlearn_stage
 from ubt_core.defense.unlearn import UnlearnConfig
@@ -32,10 +32,6 @@ from ubt_core.errors import UbtError
 from ubt_core.eval import evaluate
 
 RESULT_FILE = "result.json"
-
-
-def _variant(cell: UnlearnConfig, override: dict) -> UnlearnConfig:
-    return UnlearnConfig.model_validate(merge_settings(cell.model_dump(), override))
 
 
 class SweepConfig(BaseModel):
@@ -46,7 +42,7 @@ class SweepConfig(BaseModel):
     @classmethod
     def _known_settings(cls, variants: dict[str, dict]) -> dict[str, dict]:
         for override in variants.values():  # a misspelt setting fails here, before any cell runs
-            _variant(UnlearnConfig(), override)
+            variant_config({"unlearn": override})
         return variants
 
 
@@ -61,11 +57,10 @@ def _selection(seed_dir: Path, seed: int, attack: str, cfg: CompareConfig) -> Pa
 
 
 def _unlearned(seed_dir: Path, ranked: Path, attack: str, name: str, unlearn_cfg: UnlearnConfig,
-               cfg: CompareConfig) -> dict:
+               cfg: CompareConfig, trigger: TriggerSpec, target: str) -> dict:
     """Unlearn the pairs selected in `ranked` with `unlearn_cfg` (or reuse the result) and evaluate it."""
-    digest = hashlib.sha256(json.dumps(unlearn_cfg.model_dump(), sort_keys=True).encode()).hexdigest()[:8]
-    out = seed_dir / "unlearn-sweep" / ranked.parent.parent.name / f"{name}-{digest}" / attack  # per UBT cell
-    if (out / RESULT_FILE).is_file():
+    out = seed_dir / "unlearn-sweep" / ranked.parent.parent.name / f"{name}-{config_digest(unlearn_cfg)}" / attack
+    if (out / RESULT_FILE).is_file():  # the UBT cell's name above keeps variants of other selections apart
         return json.loads((out / RESULT_FILE).read_text())
     model_dir, data = cell_inputs(seed_dir, attack, cfg)
     out.mkdir(parents=True, exist_ok=True)
@@ -73,7 +68,6 @@ def _unlearned(seed_dir: Path, ranked: Path, attack: str, name: str, unlearn_cfg
     start = time.perf_counter()
     unlearn_stage(str(model_dir), str(data), out, unlearn_cfg)
     seconds = round(time.perf_counter() - start, 1)
-    trigger, target = read_manifest(str(data))
     after = evaluate(str(out / "model"), str(seed_dir / "world" / "eval"), trigger, target)
     result = {"ca": after["ca"], "asr": after["asr"], "ra": after["ra"], "seconds": seconds}
     write_json(result, str(out / RESULT_FILE))
@@ -86,13 +80,14 @@ def run_unlearn_sweep(work_dir: str, cfg: SweepConfig, doc: str | None = None, c
     rows = []
     for seed in cfg.compare.seeds:
         seed_dir = work / f"seed-{seed}"
-        cell_unlearn = ubt_cell_config(cfg.compare.ubt, seed).unlearn
         for attack in cfg.compare.attacks:
             ranked = _selection(seed_dir, seed, attack, cfg.compare)
             model_dir, data = cell_inputs(seed_dir, attack, cfg.compare)
-            before = evaluate(str(model_dir), str(seed_dir / "world" / "eval"), *read_manifest(str(data)))
+            trigger, target = read_manifest(str(data))
+            before = evaluate(str(model_dir), str(seed_dir / "world" / "eval"), trigger, target)
             for name, override in cfg.variants.items():
-                after = _unlearned(seed_dir, ranked, attack, name, _variant(cell_unlearn, override), cfg.compare)
+                unlearn_cfg = ubt_cell_config(merge_settings(cfg.compare.ubt, {"unlearn": override}), seed).unlearn
+                after = _unlearned(seed_dir, ranked, attack, name, unlearn_cfg, cfg.compare, trigger, target)
                 rows.append({"variant": name, "attack": attack, "seed": seed, "asr": after["asr"],
                              "ca_change": 100 * (after["ca"] - before["ca"]), "seconds": after["seconds"]})
     markdown = _markdown(rows, cfg, command)

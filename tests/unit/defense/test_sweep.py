@@ -22,8 +22,8 @@ def ubt_cells(tmp_path_factory, tiny_compare):
 def test_every_variant_unlearns_the_cells_selection(ubt_cells, tmp_path):
     work, cfg = ubt_cells
     doc = tmp_path / "algorithm.md"
-    markdown = run_unlearn_sweep(str(work), SweepConfig(compare=cfg, variants={"one": {"steps": 1}, "three": {"steps": 3}}),
-                                 doc=str(doc))
+    variants = {"one": {"steps": 1}, "three": {"steps": 3}}
+    markdown = run_unlearn_sweep(str(work), SweepConfig(compare=cfg, variants=variants), doc=str(doc))
     cell = cell_dir(work / "seed-0", 0, "badnet", "ubt", cfg)
     selected = pq.read_table(cell / "suspicious.parquet")
     runs = sorted((work / "seed-0" / "unlearn-sweep" / cell.parent.name).iterdir())
