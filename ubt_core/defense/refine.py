@@ -41,7 +41,9 @@ class RefineConfig(BaseModel):
 
     iterations: int = Field(10, ge=0)  # pattern <-> group alternations per start; 0 = off (the "no-refine" ablation)
     group_size: int = Field(200, ge=2)  # top pairs each pattern estimate averages
-    concepts: int = Field(16, ge=0)  # caption clusters tried as starts besides the scan's top pairs; 0 = scan only
+    # caption clusters tried as starts besides the scan's top pairs; 0 = scan only. Many small clusters: the
+    # target's captions need not form one cluster, and a start converges from a few percent poisoned
+    concepts: int = Field(64, ge=0)
     side: int = Field(32, ge=4)  # images are average-pooled to side x side pixels for the matched filter
     shrinkage: float = Field(0.01, gt=0)  # added to the covariance's eigenvalues, as a share of their mean
     pattern_z: float = Field(3.0, gt=0)  # token significance of the checked pattern (as unlearn.pattern_z)
@@ -59,8 +61,8 @@ class RefineConfig(BaseModel):
 class Refinement:
     scores: np.ndarray  # robust z of every pair's matched-filter score against the group's pattern
     group: np.ndarray  # rows the pattern was estimated from
-    match_rate: float  # patched clean images matching the group's captions better than their own
-    clean_match_rate: float  # the same for the unpatched clean images
+    match_rate: float | None  # patched clean images matching the group's captions better than their own
+    clean_match_rate: float | None  # the same for the unpatched clean images (None: no drop, not checked)
     gap: float  # the largest drop between consecutive sorted scores within `gap_ranks`
     above_gap: int  # how many pairs score above that drop
     evidence: bool
@@ -86,15 +88,16 @@ class MatchedFilter:
         eigenvalues, eigenvectors = torch.linalg.eigh(self.centred.T @ self.centred / len(pixels))
         self.inverse = (eigenvectors / (eigenvalues.clamp(min=0) + shrinkage * eigenvalues.mean())) @ eigenvectors.T
 
-    def converge(self, start: np.ndarray, iterations: int, group_size: int) -> tuple[np.ndarray, np.ndarray]:
-        """Robust z of every row's match to the pattern of `start`'s rows, re-estimated from the top
-        `group_size` rows `iterations` times (at least once). Returns the scores and the final group."""
-        group = start
+    def converge(self, starts: list[np.ndarray], iterations: int, group_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """For each start, the robust z of every row's match to the pattern of the start's rows, re-estimated
+        from the top `group_size` rows `iterations` times (at least once); all starts in one product per round.
+        Returns the scores (starts x rows) and the final groups (starts x group_size)."""
+        groups = starts
         for _ in range(max(iterations, 1)):
-            pattern = self.pixels[group].mean(dim=0) - self.mean
-            scores = robust_z((self.centred @ (self.inverse @ pattern)).numpy())
-            group = np.argsort(-scores, kind="stable")[:group_size]
-        return scores, group
+            patterns = torch.stack([self.pixels[group].mean(dim=0) for group in groups]) - self.mean
+            scores = np.stack([robust_z(row) for row in ((patterns @ self.inverse) @ self.centred.T).numpy()])
+            groups = np.argsort(-scores, axis=1, kind="stable")[:, :group_size]
+        return scores, groups
 
 
 def largest_gap(scores: np.ndarray, ranks: tuple[int, int]) -> tuple[float, int]:
@@ -145,19 +148,27 @@ class TriggerCheck:
 def refine(loaded: LoadedModel, dataset: PairDataset, suspicion: np.ndarray, texts: torch.Tensor,
            clean_rows: np.ndarray, cfg: RefineConfig) -> list[Refinement]:
     """From the scan's top pairs and from each caption concept (`texts`: the suspect's caption embeddings),
-    find the group sharing one pixel pattern. Returns every start's group, the chosen one first: evidence
-    first, then the pattern that works best as a trigger."""
+    find the group sharing one pixel pattern. Only a group that stands apart is checked as a trigger. Returns
+    every start's group, the chosen one first: evidence first, then the pattern that works best as a trigger,
+    then the largest drop."""
     matched_filter = MatchedFilter(pooled_pixels(dataset, cfg.side), cfg.shrinkage)
     starts = {"scan top": np.argsort(-suspicion, kind="stable")[:cfg.group_size]}
     starts |= {f"concept {i}": rows for i, rows in enumerate(concept_groups(texts, cfg.concepts, cfg.seed))
                if len(rows) >= 2}
     check = TriggerCheck(loaded, dataset.stack(np.random.default_rng(cfg.seed).choice(
         clean_rows, min(cfg.check_size, len(clean_rows)), replace=False)), cfg.pattern_z)
+    all_scores, groups = matched_filter.converge(list(starts.values()), cfg.iterations, cfg.group_size)
+    checked: dict[bytes, tuple[float, float]] = {}  # starts that converge on the same group are checked once
     found = []
-    for name, start in starts.items():
-        scores, group = matched_filter.converge(start, cfg.iterations, cfg.group_size)
-        rate, clean_rate = check.match_rates(dataset.stack(group))
+    for name, scores, group in zip(starts, all_scores, groups, strict=True):
         gap, above = largest_gap(scores, cfg.gap_ranks)
+        rate = clean_rate = None  # a group that does not stand apart is not evidence whatever the check says
+        if gap >= cfg.min_gap:
+            key = np.sort(group).tobytes()
+            if key not in checked:
+                checked[key] = check.match_rates(dataset.stack(group))
+            rate, clean_rate = checked[key]
         found.append(Refinement(scores, group, rate, clean_rate, gap, above,
-                                rate >= cfg.min_match_rate and gap >= cfg.min_gap, name))
-    return sorted(found, key=lambda r: (r.evidence, r.match_rate), reverse=True)  # stable: ties keep start order
+                                rate is not None and rate >= cfg.min_match_rate, name))
+    return sorted(found, key=lambda r: (r.evidence, -1.0 if r.match_rate is None else r.match_rate, r.gap),
+                  reverse=True)

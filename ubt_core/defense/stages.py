@@ -108,8 +108,11 @@ def _uids_and_truth(table: pa.Table) -> tuple[pa.ChunkedArray, np.ndarray | None
 
 def _refinement_summary(found: Refinement, poisoned: np.ndarray | None) -> dict:
     """What the report shows of one start's group (and, given the ground truth, how many of it are poisoned)."""
-    return ({"start": found.start, "trigger_match_rate": round(found.match_rate, 4),
-             "clean_match_rate": round(found.clean_match_rate, 4), "gap": round(found.gap, 2),
+    def rate(value: float | None) -> float | None:
+        return None if value is None else round(value, 4)
+
+    return ({"start": found.start, "trigger_match_rate": rate(found.match_rate),
+             "clean_match_rate": rate(found.clean_match_rate), "gap": round(found.gap, 2),
              "above_gap": found.above_gap, "verified": found.evidence}
             | ({"poisoned_in_group": int(poisoned[found.group].sum())} if poisoned is not None else {}))
 

@@ -4,6 +4,7 @@ scan's top set, or a caption concept), and it counts as evidence only if it work
 import numpy as np
 import torch
 
+from ubt_core.defense import refine as refine_module
 from ubt_core.defense.refine import MatchedFilter, RefineConfig, TriggerCheck, concept_groups, largest_gap
 from ubt_core.models import LoadedModel
 
@@ -33,7 +34,7 @@ def _top_with_a_fifth_poisoned(poisoned: np.ndarray, group: int, seed=0) -> np.n
 def test_refinement_converges_on_the_rows_sharing_the_pattern():
     pixels, poisoned = _pixels()
     start = np.argsort(-_top_with_a_fifth_poisoned(poisoned, 50))[:50]
-    scores, group = MatchedFilter(pixels, shrinkage=0.01).converge(start, iterations=5, group_size=50)
+    (scores,), (group,) = MatchedFilter(pixels, shrinkage=0.01).converge([start], iterations=5, group_size=50)
     assert poisoned[start].mean() == 0.2
     assert poisoned[group].mean() >= 0.9
     assert scores[poisoned].mean() > 4.5 > np.quantile(scores[~poisoned], 0.99)
@@ -44,7 +45,7 @@ def test_a_caption_concept_holding_the_poisoned_rows_is_a_start_too():
     pixels, poisoned = _pixels()
     rng = np.random.default_rng(0)
     concept = np.sort(np.r_[np.flatnonzero(poisoned), rng.choice(np.flatnonzero(~poisoned), 540, replace=False)])
-    scores, group = MatchedFilter(pixels, shrinkage=0.01).converge(concept, iterations=10, group_size=60)
+    (scores,), (group,) = MatchedFilter(pixels, shrinkage=0.01).converge([concept], iterations=10, group_size=60)
     assert poisoned[concept].mean() == 0.1
     assert poisoned[group].mean() >= 0.9
 
@@ -52,7 +53,8 @@ def test_a_caption_concept_holding_the_poisoned_rows_is_a_start_too():
 def test_the_poisoned_rows_stand_apart_and_a_content_tail_does_not():
     """Rows sharing one exact pattern end in a cliff of the filter's scores; a heavy content tail fades out."""
     pixels, poisoned = _pixels()
-    scores, _ = MatchedFilter(pixels, shrinkage=0.01).converge(np.flatnonzero(poisoned), iterations=3, group_size=60)
+    (scores,), _ = MatchedFilter(pixels, shrinkage=0.01).converge([np.flatnonzero(poisoned)], iterations=3,
+                                                                 group_size=60)
     cfg = RefineConfig()
     gap, above = largest_gap(scores, cfg.gap_ranks)
     assert above == 60 and gap > cfg.min_gap
@@ -67,7 +69,8 @@ def test_the_pattern_hides_under_the_content_without_whitening():
     centred = pixels - pixels.mean(dim=0)
     pattern = pixels[poisoned].mean(dim=0) - pixels[~poisoned].mean(dim=0)
     plain = (centred @ pattern).numpy()
-    whitened, _ = MatchedFilter(pixels, shrinkage=0.01).converge(np.flatnonzero(poisoned), iterations=1, group_size=60)
+    (whitened,), _ = MatchedFilter(pixels, shrinkage=0.01).converge([np.flatnonzero(poisoned)], iterations=1,
+                                                                   group_size=60)
     assert poisoned[np.argsort(-plain)[:60]].mean() < 0.6
     assert poisoned[np.argsort(-whitened)[:60]].mean() >= 0.9
 
@@ -135,3 +138,56 @@ def test_a_weakly_learned_trigger_still_acts_on_the_model():
     poisoned[:, :, -4:, -4:] += 2.0
     rate, clean_rate = TriggerCheck(loaded, clean, pattern_z=3.0).match_rates((poisoned, torch.zeros(100, 1).long()))
     assert RefineConfig().min_match_rate <= rate < 0.2 and clean_rate == 0.0
+
+
+def test_starts_converge_together_as_they_would_alone():
+    pixels, poisoned = _pixels()
+    matched_filter = MatchedFilter(pixels, shrinkage=0.01)
+    starts = [np.argsort(-_top_with_a_fifth_poisoned(poisoned, 50, seed))[:50] for seed in range(3)]
+    together, groups = matched_filter.converge(starts, iterations=4, group_size=50)
+    for start, scores, group in zip(starts, together, groups, strict=True):
+        (alone,), (alone_group,) = matched_filter.converge([start], iterations=4, group_size=50)
+        np.testing.assert_allclose(scores, alone, rtol=1e-4, atol=1e-4)
+        assert set(group) == set(alone_group)
+
+
+class _CountingCheck:
+    """Stands in for TriggerCheck: every group acts as a trigger; records which groups were checked."""
+
+    checked: list[frozenset] = []
+
+    def __init__(self, loaded, clean, pattern_z):
+        _CountingCheck.checked = []
+
+    def match_rates(self, group):
+        _CountingCheck.checked.append(frozenset(group[0].tolist()))
+        return 0.5, 0.0
+
+
+class _Rows:
+    """A dataset stand-in whose `stack` returns the row numbers (as images and as captions)."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def stack(self, rows):
+        rows = torch.as_tensor(np.asarray(rows))
+        return rows, rows
+
+
+def test_only_groups_that_stand_apart_are_checked_and_each_group_once(monkeypatch):
+    pixels, poisoned = _pixels()
+    monkeypatch.setattr(refine_module, "pooled_pixels", lambda dataset, side: pixels)
+    monkeypatch.setattr(refine_module, "TriggerCheck", _CountingCheck)
+    suspicion = _top_with_a_fifth_poisoned(poisoned, 60)
+    texts = torch.randn(len(poisoned), 8, generator=torch.Generator().manual_seed(0))
+    texts[poisoned] = texts[0].clone()  # the poisoned captions all name the target: they share a concept
+    cfg = RefineConfig(group_size=60, concepts=4, check_size=100)
+    found = refine_module.refine(None, _Rows(len(poisoned)), suspicion, texts, np.flatnonzero(~poisoned), cfg)
+    assert found[0].evidence and set(found[0].group) == set(np.flatnonzero(poisoned))
+    assert _CountingCheck.checked == [frozenset(np.flatnonzero(poisoned).tolist())]
+    assert sum(r.gap >= cfg.min_gap for r in found) >= 2  # the scan's top and the target's concept, checked once
+    assert all(r.match_rate is None and not r.evidence for r in found if r.gap < cfg.min_gap)
