@@ -1,6 +1,8 @@
 """The defend flow: one Prefect task per UBT stage, each one call into ubt_core or a Ray job.
 
-validate -> scan_suspect -> overfit -> scan_overfit -> select -> unlearn -> evaluate -> report -> register.
+validate -> scan_suspect -> [select ->] overfit -> scan_overfit -> select(_overfit) -> unlearn -> evaluate -> report
+-> register. The first select, on the suspect's scan alone, decides whether the overfit is needed: a verified
+trigger pattern makes it unnecessary (`defense.overfit.skip_if_pattern`).
 Task results are persisted and cached on the stage's inputs (upstream outputs by content digest), its
 config section and the code version, so re-running a flow after a failed stage resumes at that stage.
 MLflow gets one parent run per flow run and a child run per stage that actually ran. Stage files go to
@@ -88,15 +90,15 @@ def overfit(model_dir: str, model_digest: str, data_uri: str, data_digest: str, 
 
 
 @task(cache_policy=CACHED, persist_result=True)
-def select(model_dir: str, model_digest: str, data_uri: str, data_digest: str, suspect: str, amplified: str | None,
-           out: str, scan_cfg: ScanConfig, select_cfg: SelectConfig, refine_cfg: RefineConfig, code: str,
-           ctx: StageContext) -> dict:
+def select(stage: str, model_dir: str, model_digest: str, data_uri: str, data_digest: str, suspect: str,
+           amplified: str | None, out: str, scan_cfg: ScanConfig, select_cfg: SelectConfig, refine_cfg: RefineConfig,
+           code: str, ctx: StageContext) -> dict:
     def body(tracker: Tracker, run_id: str) -> dict:
         summary = stages.select_stage(data_uri, suspect, amplified, out, scan_cfg, select_cfg, model_dir, refine_cfg)
         tracker.log_artifact(run_id, Path(out) / stages.SUSPICIOUS_FILE)
         return summary | {"digest": file_digest(Path(out) / stages.SUSPICIOUS_FILE)}
-    return _tracked(ctx, "select", body, {"scan": scan_cfg.model_dump(), "select": select_cfg.model_dump(),
-                                          "refine": refine_cfg.model_dump()})
+    return _tracked(ctx, stage, body, {"scan": scan_cfg.model_dump(), "select": select_cfg.model_dump(),
+                                       "refine": refine_cfg.model_dump()})
 
 
 @task(cache_policy=CACHED, persist_result=True)
@@ -173,27 +175,32 @@ def defend_flow(config_path: str | None = None, overrides: list[str] | None = No
         suspect = tasks["scan"]("scan_suspect", cfg.model, suspect_digest, data, data_digest,
                                 str(work / f"embeddings-suspect-{suspect_digest}"), code, ray, ctx)
         seconds = {"load": checked["seconds"], "scan_suspect": suspect["seconds"]}
-        amplified = None
-        if d.overfit.steps:  # 0 = the "no overfit" ablation
+
+        def select_on(stage: str, amplified: str | None) -> dict:
+            picked = tasks["select"](stage, cfg.model, suspect_digest, data, data_digest, suspect["value"]["out_uri"],
+                                     amplified, str(out), d.scan, d.select, d.refine, code, ctx)
+            seconds[stage] = picked["seconds"]
+            return picked
+
+        selected = select_on("select", None) if d.select_before_overfit() else None
+        if d.needs_overfit(selected and selected["value"]):
             over = tasks["overfit"](cfg.model, suspect_digest, data, data_digest, suspect["value"]["out_uri"],
                                     str(work / f"overfit-model-{config_digest(d.overfit)}"), d.overfit, code, ray, ctx)
             over_digest = checkpoint_digest(over["value"])
             amplified = tasks["scan"]("scan_overfit", over["value"], over_digest, data, data_digest,
                                       str(work / f"embeddings-overfit-{over_digest}"), code, ray, ctx)
             seconds |= {"overfit": over["seconds"], "scan_overfit": amplified["seconds"]}
-        selected = tasks["select"](cfg.model, suspect_digest, data, data_digest, suspect["value"]["out_uri"],
-                                   amplified and amplified["value"]["out_uri"], str(out), d.scan, d.select, d.refine,
-                                   code, ctx)
+            selected = select_on("select" if selected is None else "select_overfit", amplified["value"]["out_uri"])
         cleaned = tasks["unlearn"](cfg.model, suspect_digest, data, data_digest, selected["value"]["digest"], str(out),
                                    d.unlearn, code, ray, ctx)
-        seconds |= {"select": selected["seconds"], "unlearn": cleaned["seconds"]}
+        seconds["unlearn"] = cleaned["seconds"]
         evaluation = {}
         if cfg.data.eval:
             evaluation = {which: tasks["evaluate"](which, model, digest, cfg.data.eval, cfg.eval, code, ctx)["value"]
                           for which, model, digest in (("suspect", cfg.model, suspect_digest),
                                                        ("defended", str(out / "model"), cleaned["value"]["digest"]))}
-        result = report(cfg, data, seconds, {"evaluation": evaluation, "quarantined": checked["value"]["quarantined"]},
-                        ctx)["value"]
+        result = report(cfg, data, seconds, {"evaluation": evaluation, "overfit_ran": "overfit" in seconds,
+                                             "quarantined": checked["value"]["quarantined"]}, ctx)["value"]
         version = tasks["register"](cfg, cleaned["value"]["digest"], {
             "ubt.suspect_model": cfg.model, "ubt.dataset_uri": cfg.data.train, "ubt.dataset_digest": train_digest,
             "ubt.scan_run_id": suspect["run_id"], "ubt.code_version": code,

@@ -85,8 +85,30 @@ def test_a_reused_scan_gives_the_same_scores_and_keeps_its_recorded_time(suspect
                    scan_cache=tmp_path / "cache")
     second = defend(*args, tmp_path / "b", variant_config(SMALL | {"select": {"k": 6, "retain_size": 20}}),
                     scan_cache=tmp_path / "cache")
-    assert len(list((tmp_path / "cache").glob("*/scan.json"))) == 1
+    assert len(list((tmp_path / "cache").glob("*/scan-overfit.json"))) == 1
     assert first["stage_seconds"]["overfit"] == second["stage_seconds"]["overfit"]
     a = pq.read_table(tmp_path / "a" / "suspicious.parquet").sort_by("uid")
     b = pq.read_table(tmp_path / "b" / "suspicious.parquet").sort_by("uid")
     assert a.column("suspicion").equals(b.column("suspicion")) and second["k"] == 6
+
+
+def test_a_pattern_verified_on_the_suspect_skips_the_overfit(suspect, tmp_path, monkeypatch):
+    """Only a verified trigger pattern makes the overfit unnecessary; any other first selection over-fits."""
+    from ubt_core.defense import stages
+    from ubt_core.defense.bench import variant_config
+    from ubt_core.defense.ubt import defend
+
+    select_stage = stages.select_stage
+
+    def verified_before_overfit(data, suspect_embeddings, overfit_embeddings, *rest):
+        summary = select_stage(data, suspect_embeddings, overfit_embeddings, *rest)
+        return summary | {"evidence_kind": "shared pattern" if overfit_embeddings is None else "collapse"}
+
+    monkeypatch.setattr(stages, "select_stage", verified_before_overfit)
+    args = (str(suspect / "model"), str(suspect / "poisoned"))
+    skipped = defend(*args, tmp_path / "a", variant_config(SMALL))
+    assert not skipped["overfit_ran"] and {"overfit", "scan_overfit"}.isdisjoint(skipped["stage_seconds"])
+    always = SMALL | {"overfit": SMALL["overfit"] | {"skip_if_pattern": False}}
+    ran = defend(*args, tmp_path / "b", variant_config(always))
+    assert ran["overfit_ran"] and {"overfit", "scan_overfit", "select"} <= set(ran["stage_seconds"])
+    assert "select_overfit" not in ran["stage_seconds"]  # without the switch the suspect alone is never selected on

@@ -23,6 +23,8 @@ class OverfitConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a misspelt setting is an error, not a silent default
 
     steps: int = Field(120, ge=0)  # 0 disables the stage (ablation "no overfit")
+    # skip the stage when the suspect's own scan already gives a verified trigger pattern (refine's evidence)
+    skip_if_pattern: bool = True
     lr: float = Field(1e-3, gt=0)  # constant, deliberately high
     weak_fraction: float = Field(0.05, gt=0, le=1)  # the weakest-similarity share of pairs to prioritise
     weak_per_batch: int = Field(96, ge=1)

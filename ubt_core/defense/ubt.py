@@ -1,8 +1,9 @@
-"""UBT end to end in one process: overfit -> scan -> select -> token-level unlearning.
+"""UBT end to end in one process: scan -> select -> overfit -> scan -> select -> token-level unlearning.
 
-`defend` reads a suspect checkpoint and the pair dataset it was trained on, runs the file-level
-stages of `ubt_core.defense.stages` in order and writes OUT/model (open_clip local-dir),
-OUT/suspicious.parquet, OUT/report.json and OUT/report.md.
+The first selection runs on the suspect's scan alone; when it finds a verified trigger pattern (refine's
+evidence) the overfit, which exists to make weak backdoors visible, is skipped. `defend` reads a suspect
+checkpoint and the pair dataset it was trained on, runs the file-level stages of `ubt_core.defense.stages`
+in order and writes OUT/model (open_clip local-dir), OUT/suspicious.parquet, OUT/report.json and OUT/report.md.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -34,6 +36,17 @@ class DefenseConfig(BaseModel):
     unlearn: UnlearnConfig = UnlearnConfig()
     batch_size: int = Field(512, ge=1)  # scan batch; never changes a score
 
+    def select_before_overfit(self) -> bool:
+        """Whether to select on the suspect's scan alone first: without overfit steps that is the selection;
+        otherwise only a verified trigger pattern makes the overfit unnecessary, and only refine verifies one
+        (not with a fixed k or the oracle set)."""
+        return not self.overfit.steps or (self.overfit.skip_if_pattern and self.refine.iterations > 0
+                                          and self.select.k is None and not self.select.oracle)
+
+    def needs_overfit(self, selection: dict | None) -> bool:
+        """Whether to over-fit and select again after `selection` (None: nothing selected yet)."""
+        return bool(self.overfit.steps) and (selection is None or selection["evidence_kind"] != "shared pattern")
+
 
 class _Stages:
     def __init__(self):
@@ -53,25 +66,32 @@ def scan_digest(model_dir: str, data_uri: str, cfg: DefenseConfig) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _scan(model_dir: str, data_uri: str, scan_dir: Path, cfg: DefenseConfig) -> tuple[str, str | None, dict]:
-    """Suspect embeddings, over-fitted model and its embeddings; reused when `scan_dir` already holds them."""
-    done = scan_dir / "scan.json"
+def _cached(done: Path, run: Callable[[_Stages], dict]) -> tuple[dict, dict[str, float]]:
+    """`run`'s outputs and stage seconds, or those an earlier run recorded in `done`."""
     if done.is_file():  # a reused scan keeps the seconds it took when it ran, so totals stay comparable
         saved = json.loads(done.read_text())
-        return saved["suspect"], saved["overfit"], saved["stage_seconds"]
+        return saved["outputs"], saved["stage_seconds"]
     stage = _Stages()
+    outputs = run(stage)
+    write_json({"outputs": outputs, "stage_seconds": stage.seconds}, str(done))
+    return outputs, stage.seconds
+
+
+def _scan_suspect(model_dir: str, data_uri: str, scan_dir: Path, cfg: DefenseConfig, stage: _Stages) -> dict:
     suspect = str(scan_dir / "embeddings-suspect.parquet")
     with stage("scan_suspect"):
         stages.scan_stage(model_dir, data_uri, suspect, cfg.batch_size)
-    amplified = None
-    if cfg.overfit.steps:  # 0 = the "no overfit" ablation: only the strong evidence exists
-        with stage("overfit"):
-            overfit_model = stages.overfit_stage(model_dir, data_uri, suspect, scan_dir / "overfit-model", cfg.overfit)
-        amplified = str(scan_dir / "embeddings-overfit.parquet")
-        with stage("scan_overfit"):
-            stages.scan_stage(overfit_model, data_uri, amplified, cfg.batch_size)
-    write_json({"suspect": suspect, "overfit": amplified, "stage_seconds": stage.seconds}, str(done))
-    return suspect, amplified, stage.seconds
+    return {"embeddings": suspect}
+
+
+def _overfit_and_scan(model_dir: str, data_uri: str, suspect: str, scan_dir: Path, cfg: DefenseConfig,
+                      stage: _Stages) -> dict:
+    with stage("overfit"):
+        overfit_model = stages.overfit_stage(model_dir, data_uri, suspect, scan_dir / "overfit-model", cfg.overfit)
+    amplified = str(scan_dir / "embeddings-overfit.parquet")
+    with stage("scan_overfit"):
+        stages.scan_stage(overfit_model, data_uri, amplified, cfg.batch_size)
+    return {"embeddings": amplified}
 
 
 def defend(model_dir: str, data_uri: str, out_dir: str | Path, cfg: DefenseConfig | None = None,
@@ -88,12 +108,26 @@ def defend(model_dir: str, data_uri: str, out_dir: str | Path, cfg: DefenseConfi
         validated = stages.validate_stage(data_uri, out, quarantine)
     data = validated["data"]
     scan_dir = Path(scan_cache) / scan_digest(model_dir, data, cfg) if scan_cache else out
-    suspect, amplified, scan_seconds = _scan(model_dir, data, scan_dir, cfg)
-    stage.seconds |= scan_seconds
-    with stage("select"):
-        selection = stages.select_stage(data, suspect, amplified, out, cfg.scan, cfg.select, model_dir, cfg.refine)
+    suspect, seconds = _cached(scan_dir / "scan-suspect.json",
+                               lambda timer: _scan_suspect(model_dir, data, scan_dir, cfg, timer))
+    stage.seconds |= seconds
+
+    def select(amplified: str | None) -> dict:
+        return stages.select_stage(data, suspect["embeddings"], amplified, out, cfg.scan, cfg.select, model_dir,
+                                   cfg.refine)
+
+    selection = None
+    if cfg.select_before_overfit():
+        with stage("select"):
+            selection = select(None)
+    if cfg.needs_overfit(selection):
+        amplified, seconds = _cached(scan_dir / "scan-overfit.json", lambda timer: _overfit_and_scan(
+            model_dir, data, suspect["embeddings"], scan_dir, cfg, timer))
+        stage.seconds |= seconds
+        with stage("select" if selection is None else "select_overfit"):
+            selection = select(amplified["embeddings"])
     with stage("unlearn" if selection["k"] else "save"):  # with nothing selected the suspect is saved as is
         stages.unlearn_stage(model_dir, data, out, cfg.unlearn, {"defense_config": cfg.model_dump()})
     return stages.report_stage(model_dir, data, out, cfg.model_dump(), stage.seconds,
                                {"scan_cache": str(scan_cache) if scan_cache else None,
-                                "quarantined": validated["quarantined"]})
+                                "overfit_ran": "overfit" in stage.seconds, "quarantined": validated["quarantined"]})

@@ -87,3 +87,16 @@ def test_detection_metrics_on_hand_made_scores():
     m = detection_metrics(scores, truth, k=2)
     assert m["hits_at_k"] == 1 and m["precision_at_k"] == 0.5 and m["recall_at_k"] == 0.5
     assert m["auroc"] == pytest.approx(5 / 6)
+
+
+def test_only_a_verified_pattern_before_the_overfit_makes_it_unnecessary():
+    from ubt_core.defense.ubt import DefenseConfig
+
+    cfg = DefenseConfig()
+    assert cfg.select_before_overfit() and cfg.needs_overfit(None)
+    assert not cfg.needs_overfit({"evidence_kind": "shared pattern"})
+    assert cfg.needs_overfit({"evidence_kind": "collapse"}) and cfg.needs_overfit({"evidence_kind": None})
+    fixed_k = DefenseConfig(select={"k": 10})  # refine is off with a fixed k: nothing can be verified first
+    assert not fixed_k.select_before_overfit() and fixed_k.needs_overfit(None)
+    no_overfit = DefenseConfig(overfit={"steps": 0})  # the ablation: the first selection is the selection
+    assert no_overfit.select_before_overfit() and not no_overfit.needs_overfit({"evidence_kind": None})
