@@ -74,10 +74,12 @@ def ubt_cell_config(overrides: dict, seed: int) -> DefenseConfig:
 
 
 def _ubt_training(cfg: DefenseConfig, report: dict, n_pairs: int) -> tuple[int, int]:
-    """UBT's pair-passes and (at most) distinct pairs trained on: the overfit plus, when it ran, the unlearning."""
+    """UBT's pair-passes and (at most) distinct pairs trained on: the overfit and the unlearning, each when it ran."""
     overfit, unlearn = cfg.overfit, cfg.unlearn
-    passes = overfit.steps * (overfit.weak_per_batch + overfit.normal_per_batch)
-    touched = min(n_pairs, round(overfit.weak_fraction * n_pairs) + overfit.steps * overfit.normal_per_batch)
+    passes = touched = 0
+    if report["overfit_ran"]:
+        passes = overfit.steps * (overfit.weak_per_batch + overfit.normal_per_batch)
+        touched = round(overfit.weak_fraction * n_pairs) + overfit.steps * overfit.normal_per_batch
     if report["k"]:
         passes += unlearn.steps * unlearn.batch_size * 2  # each retain image also goes through with the trigger
         touched += report["k"] + min(cfg.select.retain_size, n_pairs // 2)

@@ -75,3 +75,15 @@ def test_kept_rows_complete_a_comparison_without_models(compared, tiny_compare, 
     links = re.findall(r"!\[[^]]*\]\(([^)]+)\)", doc.read_text())
     assert len(links) == 2 and all((doc.parent / link).is_file() for link in links)  # the doc shows its own copies
     assert pq.read_table(fresh / "results.parquet").num_rows == len(tiny_compare.seeds) * len(tiny_compare.defenses)
+
+
+def test_ubt_training_counts_the_overfit_only_when_it_ran():
+    from ubt_core.defense.ubt import DefenseConfig
+
+    cfg = DefenseConfig()
+    unlearned = cfg.unlearn.steps * cfg.unlearn.batch_size * 2
+    overfitted = cfg.overfit.steps * (cfg.overfit.weak_per_batch + cfg.overfit.normal_per_batch)
+    skipped, _ = compare._ubt_training(cfg, {"k": 200, "overfit_ran": False}, 20_000)
+    ran, _ = compare._ubt_training(cfg, {"k": 200, "overfit_ran": True}, 20_000)
+    nothing, _ = compare._ubt_training(cfg, {"k": 0, "overfit_ran": True}, 20_000)
+    assert (skipped, ran, nothing) == (unlearned, unlearned + overfitted, overfitted)
