@@ -81,3 +81,22 @@ def test_a_failed_stage_resumes_from_cache_and_matches_an_uninterrupted_run(
     train = [d for d in found["datasets"] if d["name"] == "train"]
     assert train and train[0]["digest"] == dataset_digest(world["data"])
     assert source_uri(train[0]["source"]) == world["data"] or train[0]["source"].endswith(world["data"])
+
+
+def test_a_pattern_verified_before_the_overfit_skips_it_in_the_flow(prefect_server, local_ray, world, tmp_path,
+                                                                     monkeypatch):
+    from flows import defend as flow_module
+
+    select_stage = flow_module.stages.select_stage
+
+    def verified_before_overfit(data, suspect, amplified, *rest):
+        summary = select_stage(data, suspect, amplified, *rest)
+        return summary | {"evidence_kind": "shared pattern" if amplified is None else "collapse"}
+
+    monkeypatch.setattr(flow_module.stages, "select_stage", verified_before_overfit)
+    out = tmp_path / "skipped"
+    overrides = [o for o in _overrides(world, out) if not o.startswith("defense.select.k=")]  # refine needs no fixed k
+    result = flow_module.defend_flow(None, overrides)
+    ran = _stage_runs(out, result["mlflow_run_id"])
+    assert "select" in ran and not ran & {"overfit", "scan_overfit", "select_overfit"}, ran
+    assert result["overfit_ran"] is False and "overfit" not in result["stage_seconds"]
