@@ -136,6 +136,8 @@ def write_defense_report(out: Path, report: dict, columns: dict[str, np.ndarray]
     facts = [("model", f"`{report['model']}`"), ("data", f"`{report['data']}` ({report['n_pairs']} pairs)"),
              ("verdict", report["verdict"]), ("unlearning set k", str(report["k"])),
              ("clearly anomalous pairs", str(report["anomalous_pairs"])),
+             ("overfit amplification", "ran" if report["overfit_ran"]
+              else "skipped: the suspect's own scan already gave a verified trigger pattern"),
              ("total time (s)", f"{report['total_seconds']:.1f}")]
     if "detection" in report:
         d = report["detection"]

@@ -108,6 +108,7 @@ def test_a_pattern_verified_on_the_suspect_skips_the_overfit(suspect, tmp_path, 
     args = (str(suspect / "model"), str(suspect / "poisoned"))
     skipped = defend(*args, tmp_path / "a", variant_config(SMALL))
     assert not skipped["overfit_ran"] and {"overfit", "scan_overfit"}.isdisjoint(skipped["stage_seconds"])
+    assert "overfit amplification | skipped" in (tmp_path / "a" / "report.md").read_text()
     always = SMALL | {"overfit": SMALL["overfit"] | {"skip_if_pattern": False}}
     ran = defend(*args, tmp_path / "b", variant_config(always))
     assert ran["overfit_ran"] and {"overfit", "scan_overfit", "select"} <= set(ran["stage_seconds"])
