@@ -83,20 +83,25 @@ def test_a_failed_stage_resumes_from_cache_and_matches_an_uninterrupted_run(
     assert source_uri(train[0]["source"]) == world["data"] or train[0]["source"].endswith(world["data"])
 
 
-def test_a_pattern_verified_before_the_overfit_skips_it_in_the_flow(prefect_server, local_ray, world, tmp_path,
-                                                                     monkeypatch):
+def test_the_first_select_decides_whether_the_flow_overfits(prefect_server, local_ray, world, tmp_path,
+                                                            monkeypatch):
+    """A pattern verified on the suspect's scan skips the overfit; a first selection without one (here: a
+    collapse) over-fits and selects again."""
     from flows import defend as flow_module
 
     select_stage = flow_module.stages.select_stage
+    first_kind = {}
 
-    def verified_before_overfit(data, suspect, amplified, *rest):
+    def first_select_finds(data, suspect, amplified, *rest):
         summary = select_stage(data, suspect, amplified, *rest)
-        return summary | {"evidence_kind": "shared pattern" if amplified is None else "collapse"}
+        return summary | {"evidence_kind": first_kind["value"] if amplified is None else "collapse"}
 
-    monkeypatch.setattr(flow_module.stages, "select_stage", verified_before_overfit)
-    out = tmp_path / "skipped"
-    overrides = [o for o in _overrides(world, out) if not o.startswith("defense.select.k=")]  # refine needs no fixed k
-    result = flow_module.defend_flow(None, overrides)
-    ran = _stage_runs(out, result["mlflow_run_id"])
-    assert "select" in ran and not ran & {"overfit", "scan_overfit", "select_overfit"}, ran
-    assert result["overfit_ran"] is False and "overfit" not in result["stage_seconds"]
+    monkeypatch.setattr(flow_module.stages, "select_stage", first_select_finds)
+    for kind, ran_after in (("shared pattern", set()), ("collapse", {"overfit", "scan_overfit", "select_overfit"})):
+        first_kind["value"] = kind
+        out = tmp_path / kind.replace(" ", "-")
+        overrides = [o for o in _overrides(world, out) if not o.startswith("defense.select.k=")]  # refine runs
+        result = flow_module.defend_flow(None, overrides)
+        ran = _stage_runs(out, result["mlflow_run_id"]) & {"select", "overfit", "scan_overfit", "select_overfit"}
+        assert ran == {"select"} | ran_after, (kind, ran)
+        assert result["overfit_ran"] == bool(ran_after) and ("overfit" in result["stage_seconds"]) == bool(ran_after)
