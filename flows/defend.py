@@ -199,8 +199,8 @@ def defend_flow(config_path: str | None = None, overrides: list[str] | None = No
             evaluation = {which: tasks["evaluate"](which, model, digest, cfg.data.eval, cfg.eval, code, ctx)["value"]
                           for which, model, digest in (("suspect", cfg.model, suspect_digest),
                                                        ("defended", str(out / "model"), cleaned["value"]["digest"]))}
-        result = report(cfg, data, seconds, {"evaluation": evaluation, "overfit_ran": "overfit" in seconds,
-                                             "quarantined": checked["value"]["quarantined"]}, ctx)["value"]
+        result = report(cfg, data, seconds, {"evaluation": evaluation, "quarantined": checked["value"]["quarantined"]},
+                        ctx)["value"]
         version = tasks["register"](cfg, cleaned["value"]["digest"], {
             "ubt.suspect_model": cfg.model, "ubt.dataset_uri": cfg.data.train, "ubt.dataset_digest": train_digest,
             "ubt.scan_run_id": suspect["run_id"], "ubt.code_version": code,

@@ -122,6 +122,14 @@ def _table(rows: list[tuple[str, str]]) -> str:
     return "\n".join(["| | |", "|---|---|", *(f"| {a} | {b} |" for a, b in rows)])
 
 
+def _overfit_fact(report: dict) -> str:
+    if report["overfit_ran"]:
+        return "ran"
+    if not report["config"]["overfit"]["steps"]:
+        return "off (`overfit.steps` = 0)"
+    return "skipped: the suspect's own scan already gave a verified trigger pattern"
+
+
 def write_defense_report(out: Path, report: dict, columns: dict[str, np.ndarray], shown: np.ndarray,
                          table: pa.Table, patch_saliency: torch.Tensor, token_saliency: torch.Tensor,
                          loaded: LoadedModel, poisoned: np.ndarray | None = None,
@@ -136,8 +144,7 @@ def write_defense_report(out: Path, report: dict, columns: dict[str, np.ndarray]
     facts = [("model", f"`{report['model']}`"), ("data", f"`{report['data']}` ({report['n_pairs']} pairs)"),
              ("verdict", report["verdict"]), ("unlearning set k", str(report["k"])),
              ("clearly anomalous pairs", str(report["anomalous_pairs"])),
-             ("overfit amplification", "ran" if report["overfit_ran"]
-              else "skipped: the suspect's own scan already gave a verified trigger pattern"),
+             ("overfit amplification", _overfit_fact(report)),
              ("total time (s)", f"{report['total_seconds']:.1f}")]
     if "detection" in report:
         d = report["detection"]

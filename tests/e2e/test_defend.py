@@ -113,3 +113,5 @@ def test_a_pattern_verified_on_the_suspect_skips_the_overfit(suspect, tmp_path, 
     ran = defend(*args, tmp_path / "b", variant_config(always))
     assert ran["overfit_ran"] and {"overfit", "scan_overfit", "select"} <= set(ran["stage_seconds"])
     assert "select_overfit" not in ran["stage_seconds"]  # without the switch the suspect alone is never selected on
+    off = defend(*args, tmp_path / "c", variant_config(SMALL | {"overfit": {"steps": 0}}))  # the ablation
+    assert not off["overfit_ran"] and "overfit amplification | off" in (tmp_path / "c" / "report.md").read_text()

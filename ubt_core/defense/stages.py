@@ -235,7 +235,8 @@ def report_stage(model_dir: str, data_uri: str, out_dir: str | Path, config: dic
     info = json.loads((out / UNLEARN_FILE).read_text())
     report = {"model": str(model_dir), "data": data_uri, **selection,
               "verdict": _verdict(selection), "unlearn": info,
-              "stage_seconds": stage_seconds, "config": config, **(extra or {})}
+              "stage_seconds": stage_seconds, "overfit_ran": "overfit" in stage_seconds, "config": config,
+              **(extra or {})}
     report["total_seconds"] = round(sum(stage_seconds.values()), 2)
     table = read_checked_pairs(data_uri)  # validate_stage checked every row
     ranked = _suspicious(out)

@@ -130,4 +130,4 @@ def defend(model_dir: str, data_uri: str, out_dir: str | Path, cfg: DefenseConfi
         stages.unlearn_stage(model_dir, data, out, cfg.unlearn, {"defense_config": cfg.model_dump()})
     return stages.report_stage(model_dir, data, out, cfg.model_dump(), stage.seconds,
                                {"scan_cache": str(scan_cache) if scan_cache else None,
-                                "overfit_ran": "overfit" in stage.seconds, "quarantined": validated["quarantined"]})
+                                "quarantined": validated["quarantined"]})
