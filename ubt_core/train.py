@@ -52,23 +52,34 @@ class TrainResult:
 
 
 class PairDataset(torch.utils.data.Dataset):
-    """Contract rows as (image tensor, token ids); images decode on the fly, captions tokenize once."""
+    """Contract rows as (image tensor, token ids); images decode on the fly, each caption tokenizes once,
+    when first asked for (a stage that reads a few hundred rows of millions does not tokenize them all)."""
 
     def __init__(self, table: pa.Table, loaded: LoadedModel):
         self.images = table.column("image").to_pylist()
-        self.tokens = loaded.tokenizer(table.column("caption").to_pylist())
+        self.captions = table.column("caption").to_pylist()
+        self.tokenizer = loaded.tokenizer
         self.preprocess = loaded.preprocess
+        self._tokens: dict[int, torch.Tensor] = {}
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.preprocess(decode_image(self.images[i])), self.tokens[i]
+        return self.preprocess(decode_image(self.images[i])), self.tokens([i])[0]
+
+    def tokens(self, rows) -> torch.Tensor:
+        """Token ids (N, context) of the captions of `rows`, in that order."""
+        rows = [int(i) for i in rows]
+        new = [i for i in dict.fromkeys(rows) if i not in self._tokens]
+        if new:
+            self._tokens.update(zip(new, self.tokenizer([self.captions[i] for i in new]), strict=True))
+        return torch.stack([self._tokens[i] for i in rows])
 
     def stack(self, rows) -> tuple[torch.Tensor, torch.Tensor]:
         """The images (N, 3, H, W) and token ids (N, context) of `rows`, in that order."""
-        items = [self[int(i)] for i in rows]
-        return torch.stack([image for image, _ in items]), torch.stack([text for _, text in items])
+        rows = [int(i) for i in rows]
+        return torch.stack([self.preprocess(decode_image(self.images[i])) for i in rows]), self.tokens(rows)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

@@ -1,4 +1,5 @@
-"""The training loop on tiny data: it learns, it saves open_clip checkpoints, and it resumes."""
+"""The training loop on tiny data: it learns, it saves open_clip checkpoints, and it resumes; its dataset
+tokenizes only the captions asked for."""
 
 import math
 import time
@@ -8,8 +9,10 @@ import safetensors.torch
 import torch
 
 import ubt_core.train as train_module
+from ubt_core.data.contract import read_pairs
 from ubt_core.errors import UbtError
-from ubt_core.train import TrainConfig, train_clip, warmup_cosine
+from ubt_core.models import load_model
+from ubt_core.train import PairDataset, TrainConfig, train_clip, warmup_cosine
 
 TINY = dict(epochs=2, batch_size=16, lr=1e-3, warmup_steps=2)
 
@@ -18,6 +21,21 @@ def test_warmup_then_cosine_to_zero():
     f = warmup_cosine(warmup=4, total=12)
     assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert math.isclose(f(8), 0.5) and f(12) == 0.0 and f(20) == 0.0
+
+
+def test_pair_dataset_tokenizes_only_the_rows_asked_for_as_one_batch_would(tiny_world):
+    table = read_pairs(tiny_world["train"]).table
+    loaded = load_model("ubt-tiny")
+    tokenized = []
+    dataset = PairDataset(table, loaded)
+    dataset.tokenizer = lambda texts: tokenized.extend(texts) or loaded.tokenizer(texts)
+    rows = [5, 2, 5, 40]
+    images, tokens = dataset.stack(rows)
+    captions = table.column("caption").to_pylist()
+    assert torch.equal(tokens, loaded.tokenizer([captions[i] for i in rows]))
+    assert images.shape[0] == 4 and torch.equal(images[0], images[2])
+    assert torch.equal(dataset[2][1], tokens[1])
+    assert tokenized == [captions[5], captions[2], captions[40]]  # 3 of 80 captions, each once
 
 
 def test_training_lowers_the_contrastive_loss_and_clamps_logit_scale(tiny_world, tmp_path):

@@ -41,8 +41,6 @@ class PairViews(PairDataset):
 
     def __init__(self, table: pa.Table, loaded: LoadedModel, seed: int):
         super().__init__(table, loaded)
-        self.captions = table.column("caption").to_pylist()
-        self.tokenizer = loaded.tokenizer
         self.auto_augment = AutoAugment()  # draws from torch's global generator: seed it with torch.manual_seed
         self.rng = random.Random(seed)
 
@@ -52,7 +50,7 @@ class PairViews(PairDataset):
         images = torch.stack([self.preprocess(image) for image in decoded])
         augmented = torch.stack([self.preprocess(self.auto_augment(image)) for image in decoded])
         captions = self.tokenizer([eda(self.captions[int(i)], self.rng) for i in rows])
-        return images, augmented, self.tokens[torch.as_tensor(rows, dtype=torch.long)], captions
+        return images, augmented, self.tokens(rows), captions
 
 
 def embed_with_views(model: torch.nn.Module, views: PairViews, rows) -> tuple[torch.Tensor, ...]:
