@@ -76,10 +76,14 @@ class PairDataset(torch.utils.data.Dataset):
             self._tokens.update(zip(new, self.tokenizer([self.captions[i] for i in new]), strict=True))
         return torch.stack([self._tokens[i] for i in rows])
 
+    def pixels(self, rows) -> torch.Tensor:
+        """The preprocessed images (N, 3, H, W) of `rows`, in that order."""
+        return torch.stack([self.preprocess(decode_image(self.images[int(i)])) for i in rows])
+
     def stack(self, rows) -> tuple[torch.Tensor, torch.Tensor]:
         """The images (N, 3, H, W) and token ids (N, context) of `rows`, in that order."""
         rows = [int(i) for i in rows]
-        return torch.stack([self.preprocess(decode_image(self.images[i])) for i in rows]), self.tokens(rows)
+        return self.pixels(rows), self.tokens(rows)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

@@ -36,6 +36,7 @@ def test_pair_dataset_tokenizes_only_the_rows_asked_for_as_one_batch_would(tiny_
     assert images.shape[0] == 4 and torch.equal(images[0], images[2])
     assert torch.equal(dataset[2][1], tokens[1])
     assert tokenized == [captions[5], captions[2], captions[40]]  # 3 of 80 captions, each once
+    assert torch.equal(dataset.pixels([40, 2]), images[[3, 1]]) and len(tokenized) == 3  # images only
 
 
 def test_training_lowers_the_contrastive_loss_and_clamps_logit_scale(tiny_world, tmp_path):

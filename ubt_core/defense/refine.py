@@ -73,7 +73,7 @@ def pooled_pixels(dataset: PairDataset, side: int, batch_size: int = 512) -> tor
     """(N, 3 * side * side) preprocessed images, average-pooled to side x side."""
     rows = []
     for start in range(0, len(dataset), batch_size):
-        images, _ = dataset.stack(range(start, min(start + batch_size, len(dataset))))
+        images = dataset.pixels(range(start, min(start + batch_size, len(dataset))))
         rows.append(torch.nn.functional.adaptive_avg_pool2d(images, side).flatten(1))
     return torch.cat(rows)
 

@@ -194,7 +194,7 @@ def unlearn_stage(model_dir: str, data_uri: str, out_dir: str | Path, cfg: Unlea
     forget = _rows(table, pc.filter(ranked.column("uid"), ranked.column("selected")))
     tensors: dict[str, torch.Tensor] = {}
     if len(forget):
-        retain_images, _ = dataset.stack(_rows(table, pc.filter(ranked.column("uid"), ranked.column("retained"))))
+        retain_images = dataset.pixels(_rows(table, pc.filter(ranked.column("uid"), ranked.column("retained"))))
         cleaned, info = unlearn(suspect, *dataset.stack(forget), retain_images, cfg)
         tensors = {name: info.pop(name) for name in ("patch_saliency", "token_saliency", "pattern") if name in info}
     else:
