@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
-from ubt_core.attacks import ATTACKS, PoisonConfig, make_trigger, poison_dataset, read_manifest
+from ubt_core.attacks import ATTACKS, PoisonConfig, TriggerSpec, make_trigger, poison_dataset, read_manifest
 from ubt_core.data.contract import CLASSES_FILE, write_json
 from ubt_core.data.synth import SynthConfig, synth_benchmark
+from ubt_core.errors import UbtError
 from ubt_core.eval import evaluate
 from ubt_core.models.checkpoint import CONFIG_NAME
 from ubt_core.train import TrainConfig, train_clip
@@ -33,12 +34,25 @@ class BenchConfig(BaseModel):
     setting: Literal["scratch", "finetune"] = "scratch"  # poison from scratch, or fine-tune the clean model
     rate: float = Field(0.01, gt=0, le=0.5)  # 1 % of pairs: the issue's upper bound
     target: str = "star"
+    # per-attack overrides of the default trigger settings, e.g. {"blended": {"alpha": 0.3}}
+    triggers: dict[Literal[tuple(ATTACKS)], dict] = {}  # type: ignore[valid-type]
     seed: int = 0
     synth: SynthConfig = SynthConfig()
     train: TrainConfig = TrainConfig()
     # poisoned fine-tuning of the clean model (the paper's setting): short, at a fine-tuning LR
     finetune: TrainConfig = TrainConfig(epochs=2, lr=1e-4, warmup_steps=20)
     clean_baseline: bool = True  # also train a clean model: the CA reference and the fine-tuning start point
+
+    @field_validator("triggers")
+    @classmethod
+    def _known_trigger_settings(cls, triggers: dict[str, dict]) -> dict[str, dict]:
+        for attack, override in triggers.items():  # a misspelt setting fails here, before any model trains
+            make_trigger(attack, 0, override)
+        return triggers
+
+    def trigger(self, attack: str) -> TriggerSpec:
+        """The trigger `attack` plants here: its defaults, with this benchmark's seed and overrides."""
+        return make_trigger(attack, self.seed, self.triggers.get(attack))
 
     @model_validator(mode="after")
     def _finetune_needs_clean(self) -> BenchConfig:
@@ -67,6 +81,23 @@ def _row(name: str, setting: str, metrics: dict, seconds: float | None, n_poison
             **{k: metrics.get(k) for k in keep}}
 
 
+def _check_reused(data: Path, trigger: TriggerSpec, target: str) -> None:
+    """A poisoned dataset (and the models trained on it) is reused only for the same trigger and target."""
+    found_trigger, found_target = read_manifest(str(data))
+    if (found_trigger, found_target) != (trigger, target):
+        raise UbtError(f"{data}: poisoned with {found_trigger.model_dump()} -> {found_target!r}, not the "
+                       f"{trigger.model_dump()} -> {target!r} asked for; its data and models would be reused: "
+                       "pass another --out.")
+
+
+def _doc_key(cfg: BenchConfig) -> str:
+    """A run's section in a doc: one per setting, and its own for another target or trigger settings."""
+    key = f"bench:{cfg.setting}"
+    if cfg.target != BenchConfig.model_fields["target"].default:
+        key += f":target={cfg.target}"
+    return key + (f":triggers={json.dumps(cfg.triggers, sort_keys=True)}" if cfg.triggers else "")
+
+
 def run_bench(work_dir: str, cfg: BenchConfig, doc: str | None = None, command: str | None = None) -> BenchReport:
     """Run (or resume) the benchmark under `work_dir`; returns the table rows and their Markdown."""
     work = Path(work_dir)
@@ -80,12 +111,14 @@ def run_bench(work_dir: str, cfg: BenchConfig, doc: str | None = None, command: 
     if cfg.clean_baseline:
         clean_seconds = _train_timed(train_uri, clean_dir, cfg.train.model_copy(update={"seed": cfg.seed}))
         for attack in cfg.attacks:
-            metrics = evaluate(str(clean_dir), eval_uri, make_trigger(attack, cfg.seed), cfg.target)
+            metrics = evaluate(str(clean_dir), eval_uri, cfg.trigger(attack), cfg.target)
             rows.append(_row(f"clean model, {attack} trigger", "clean", metrics, clean_seconds, 0))
     for attack in cfg.attacks:
         data = work / "data" / f"{attack}-{cfg.rate}"
-        if not (data / "manifest.json").is_file():
-            poison_dataset(train_uri, str(data), PoisonConfig(trigger=make_trigger(attack, cfg.seed), rate=cfg.rate,
+        if (data / "manifest.json").is_file():
+            _check_reused(data, cfg.trigger(attack), cfg.target)
+        else:
+            poison_dataset(train_uri, str(data), PoisonConfig(trigger=cfg.trigger(attack), rate=cfg.rate,
                                                               target=cfg.target, seed=cfg.seed))
         manifest = json.loads((data / "manifest.json").read_text())
         if cfg.setting == "scratch":
@@ -101,7 +134,7 @@ def run_bench(work_dir: str, cfg: BenchConfig, doc: str | None = None, command: 
     write_json({"config": cfg.model_dump(), "rows": rows}, str(work / f"results-{cfg.setting}.json"))
     (work / f"results-{cfg.setting}.md").write_text(markdown)
     if doc:
-        write_doc_section(Path(doc), f"bench:{cfg.setting}", markdown)
+        write_doc_section(Path(doc), _doc_key(cfg), markdown)
     return BenchReport(rows, markdown)
 
 
@@ -113,7 +146,8 @@ def _markdown(rows: list[dict], cfg: BenchConfig, command: str | None) -> str:
     train = cfg.train if cfg.setting == "scratch" else cfg.finetune
     lines = [
         f"### Setting: {cfg.setting} (rate {cfg.rate}, target {cfg.target!r}, {cfg.synth.train_pairs} train pairs, "
-        f"{cfg.synth.eval_images} eval images, {train.epochs} epochs, lr {train.lr}, seed {cfg.seed})",
+        f"{cfg.synth.eval_images} eval images, {train.epochs} epochs, lr {train.lr}, seed {cfg.seed}"
+        + (f", triggers {json.dumps(cfg.triggers)}" if cfg.triggers else "") + ")",
         "",
         f"Command: `{command or 'ubt bench'}`  ",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}; "

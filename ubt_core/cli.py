@@ -342,6 +342,9 @@ def _add_world_flags(p) -> None:
     """The benchmark world's flags: a comparison's cells are named by them."""
     p.add_argument("--setting", choices=["scratch", "finetune"], help="threat setting (default scratch)")
     p.add_argument("--rate", type=float, help="poison rate (default 0.01)")
+    p.add_argument("--target", help="the class every attack targets (default star)")
+    p.add_argument("--triggers", help='JSON file of per-attack trigger settings over the defaults, e.g. '
+                                      '{"blended": {"alpha": 0.3}}')
     p.add_argument("--epochs", type=int, help="training epochs (default: the benchmark's)")
     p.add_argument("--train-pairs", type=int)
     p.add_argument("--eval-images", type=int)
@@ -350,8 +353,9 @@ def _add_world_flags(p) -> None:
 def _bench_config(args):
     from ubt_core.bench import BenchConfig
 
-    return BenchConfig(attacks=args.attacks.split(","), **_given(args, setting="setting", rate="rate"),
-                       **_bench_overrides(args, "finetune" if args.setting == "finetune" else "train"))
+    triggers = {"triggers": _json_file(args.triggers, "--triggers")} if args.triggers else {}
+    return BenchConfig(attacks=args.attacks.split(","), **_given(args, setting="setting", rate="rate", target="target"),
+                       **triggers, **_bench_overrides(args, "finetune" if args.setting == "finetune" else "train"))
 
 
 def _bench(args) -> None:

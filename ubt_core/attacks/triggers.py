@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from pydantic import BaseModel, Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 
 def _pattern_rng(seed: int, name: str) -> np.random.Generator:
@@ -39,6 +39,8 @@ def _paste(pixels: np.ndarray, patch: np.ndarray, corner: str) -> np.ndarray:
 class BadNetTrigger(BaseModel):
     """BadNet (Gu et al. 2017): a small seeded noise patch pasted in a fixed corner."""
 
+    model_config = ConfigDict(extra="forbid")  # a misspelt setting is an error, not a silent default
+
     attack: Literal["badnet"] = "badnet"
     patch_fraction: float = Field(0.125, gt=0, le=0.5)  # patch side / image side: 4 px at 32 px
     corner: Literal["bottom-right", "bottom-left", "top-right", "top-left"] = "bottom-right"
@@ -51,6 +53,8 @@ class BadNetTrigger(BaseModel):
 
 class BlendedTrigger(BaseModel):
     """Blended (Chen et al. 2017): alpha-blend a fixed key image over the whole image."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt setting is an error, not a silent default
 
     attack: Literal["blended"] = "blended"
     # "logo": scikit-image's logo, a picture as in the paper; "noise": seeded uniform noise, which at alpha
@@ -77,6 +81,8 @@ def _blend_key(key: str, seed: int, shape: tuple) -> np.ndarray:
 class SigTrigger(BaseModel):
     """SIG (Barni et al. 2019): an additive horizontal sinusoid over the whole image."""
 
+    model_config = ConfigDict(extra="forbid")  # a misspelt setting is an error, not a silent default
+
     attack: Literal["sig"] = "sig"
     delta: float = Field(30.0, gt=0, le=255)  # amplitude in pixel levels
     frequency: int = Field(6, ge=1)  # periods across the image width
@@ -89,6 +95,8 @@ class SigTrigger(BaseModel):
 
 class WaNetTrigger(BaseModel):
     """WaNet (Nguyen & Tran 2021): a smooth seeded warp of the image grid, invisible to the eye."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt setting is an error, not a silent default
 
     attack: Literal["wanet"] = "wanet"
     grid: int = Field(4, ge=2)  # control points per side (k in the paper)
@@ -120,6 +128,8 @@ class LabelConsistentTrigger(BaseModel):
     that already show the target, captions untouched. The adversarial-perturbation step of the paper
     is not applied."""
 
+    model_config = ConfigDict(extra="forbid")  # a misspelt setting is an error, not a silent default
+
     attack: Literal["label-consistent"] = "label-consistent"
     patch_fraction: float = Field(0.125, gt=0, le=0.5)
     seed: int = 0
@@ -140,9 +150,12 @@ ATTACKS = ["badnet", "blended", "sig", "wanet", "label-consistent"]
 _SPEC = TypeAdapter(TriggerSpec)
 
 
-def make_trigger(attack: str, seed: int = 0) -> TriggerSpec:
-    """The default trigger spec of `attack` with pattern seed `seed`."""
-    fields = {"attack": attack} | ({} if attack == "sig" else {"seed": seed})
+def make_trigger(attack: str, seed: int = 0, overrides: dict | None = None) -> TriggerSpec:
+    """The trigger spec of `attack` with pattern seed `seed`: its defaults, with `overrides` (e.g. {"alpha": 0.3})
+    laid over them; an unknown setting is an error."""
+    fields = {"attack": attack} | ({} if attack == "sig" else {"seed": seed}) | (overrides or {})
+    if fields["attack"] != attack:
+        raise ValueError(f"the overrides of {attack!r} name another attack ({fields['attack']!r})")
     return _SPEC.validate_python(fields)
 
 

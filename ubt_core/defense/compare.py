@@ -88,7 +88,9 @@ def _ubt_training(cfg: DefenseConfig, report: dict, n_pairs: int) -> tuple[int, 
 
 def _cell_digest(seed: int, defense: str, cfg: CompareConfig) -> str:
     """Names a cell by every setting its result depends on (not by the other cells of the comparison)."""
-    settings = {"bench": cfg.bench.model_dump(exclude={"attacks", "seed"}), "defense": defense, "seed": seed}
+    # default triggers (no overrides) keep the names cells had before trigger overrides existed
+    bench = cfg.bench.model_dump(exclude={"attacks", "seed"} | (set() if cfg.bench.triggers else {"triggers"}))
+    settings = {"bench": bench, "defense": defense, "seed": seed}
     if defense == "ubt":
         settings["ubt"] = ubt_cell_config(cfg.ubt, seed).model_dump()
     elif defense != "none":

@@ -74,3 +74,11 @@ def test_wanet_moves_pixels_without_changing_their_values():
 def test_unknown_attack_is_refused():
     with pytest.raises(ValueError, match="attack"):
         make_trigger("nope")
+
+
+def test_overrides_change_only_the_settings_they_name_and_a_misspelt_one_is_refused():
+    assert make_trigger("blended", 2, {"alpha": 0.3}) == BlendedTrigger(alpha=0.3, seed=2)
+    with pytest.raises(ValueError, match="alpah"):
+        make_trigger("blended", 0, {"alpah": 0.3})
+    with pytest.raises(ValueError, match="another attack"):
+        make_trigger("blended", 0, {"attack": "sig"})

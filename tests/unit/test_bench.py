@@ -1,0 +1,42 @@
+"""The benchmark's settings: trigger overrides are checked up front, and a work directory's poisoned data is
+reused only for the trigger and target it was made with."""
+
+import pytest
+from pydantic import ValidationError
+
+from ubt_core.attacks import PoisonConfig, poison_dataset
+from ubt_core.bench import BenchConfig, run_bench
+from ubt_core.data.synth import SynthConfig
+from ubt_core.errors import UbtError
+
+TINY = SynthConfig(train_pairs=80, eval_images=40, rows_per_file=32)
+
+
+def test_trigger_overrides_apply_to_their_attack_only_and_misspelt_ones_are_refused():
+    cfg = BenchConfig(triggers={"blended": {"alpha": 0.3}}, seed=4)
+    assert cfg.trigger("blended").alpha == 0.3 and cfg.trigger("blended").seed == 4
+    assert cfg.trigger("badnet") == BenchConfig(seed=4).trigger("badnet")
+    with pytest.raises(ValidationError, match="alpah"):
+        BenchConfig(triggers={"blended": {"alpah": 0.3}})
+    with pytest.raises(ValidationError, match="triggers"):
+        BenchConfig(triggers={"nope": {}})
+
+
+@pytest.mark.parametrize("asked", [{"target": "triangle"}, {"triggers": {"blended": {"alpha": 0.3}}}])
+def test_data_poisoned_with_another_trigger_or_target_is_not_reused(tmp_path, asked):
+    made = BenchConfig(attacks=["blended"], rate=0.1, clean_baseline=False, synth=TINY)
+    run_bench(str(tmp_path), made.model_copy(update={"attacks": []}))  # the world only
+    poison_dataset(str(tmp_path / "world" / "train"), str(tmp_path / "data" / "blended-0.1"),
+                   PoisonConfig(trigger=made.trigger("blended"), rate=0.1, target=made.target))
+    with pytest.raises(UbtError, match="blended-0.1: poisoned with .* pass another --out"):
+        run_bench(str(tmp_path), BenchConfig.model_validate(made.model_dump() | asked))
+
+
+def test_a_run_with_another_target_or_triggers_gets_its_own_doc_section(tmp_path):
+    doc = tmp_path / "bench.md"
+    world_only = BenchConfig(attacks=[], clean_baseline=False, synth=TINY)
+    run_bench(str(tmp_path / "work"), world_only, doc=str(doc))
+    run_bench(str(tmp_path / "work"), world_only.model_copy(update={"target": "triangle"}), doc=str(doc))
+    text = doc.read_text()
+    assert "<!-- bench:scratch:begin -->" in text and "<!-- bench:scratch:target=triangle:begin -->" in text
+    assert "target 'triangle'" in text.split("bench:scratch:target=triangle:begin")[1]
