@@ -19,7 +19,7 @@ import torch
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from ubt_core.attacks import ATTACKS, PoisonConfig, TriggerSpec, make_trigger, poison_dataset, read_manifest
-from ubt_core.data.contract import CLASSES_FILE, write_json
+from ubt_core.data.contract import CLASSES_FILE, read_eval_classes, write_json
 from ubt_core.data.synth import SynthConfig, synth_benchmark
 from ubt_core.errors import UbtError
 from ubt_core.eval import evaluate
@@ -105,6 +105,10 @@ def run_bench(work_dir: str, cfg: BenchConfig, doc: str | None = None, command: 
     if not (world / "eval" / CLASSES_FILE).is_file():
         synth_benchmark(str(world), cfg.synth.model_copy(update={"seed": cfg.seed}))
     train_uri, eval_uri = str(world / "train"), str(world / "eval")
+    classes = read_eval_classes(eval_uri).classes
+    if cfg.target not in classes:  # found before any model trains, not at the first evaluation
+        raise UbtError(f"target {cfg.target!r} is not a class of {eval_uri}/{CLASSES_FILE} ({', '.join(classes)}); "
+                       "pass one of them to --target.")
 
     clean_dir = work / "models" / "clean"
     rows = []

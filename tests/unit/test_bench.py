@@ -40,3 +40,8 @@ def test_a_run_with_another_target_or_triggers_gets_its_own_doc_section(tmp_path
     text = doc.read_text()
     assert "<!-- bench:scratch:begin -->" in text and "<!-- bench:scratch:target=triangle:begin -->" in text
     assert "target 'triangle'" in text.split("bench:scratch:target=triangle:begin")[1]
+
+
+def test_a_target_that_is_not_a_class_of_the_world_is_refused_before_any_training(tmp_path):
+    with pytest.raises(UbtError, match="'hexagon' is not a class of .*classes.json .*star"):
+        run_bench(str(tmp_path), BenchConfig(target="hexagon", synth=TINY))
