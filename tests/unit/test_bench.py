@@ -1,5 +1,5 @@
-"""The benchmark's settings: trigger overrides are checked up front, and a work directory's poisoned data is
-reused only for the trigger and target it was made with."""
+"""The benchmark's settings: trigger overrides and the target are checked before any training, and a work
+directory's poisoned data is reused only for the trigger and target it was made with."""
 
 import pytest
 from pydantic import ValidationError
