@@ -118,12 +118,12 @@ def run_bench(work_dir: str, cfg: BenchConfig, doc: str | None = None, command: 
             metrics = evaluate(str(clean_dir), eval_uri, cfg.trigger(attack), cfg.target)
             rows.append(_row(f"clean model, {attack} trigger", "clean", metrics, clean_seconds, 0))
     for attack in cfg.attacks:
-        data = work / "data" / f"{attack}-{cfg.rate}"
+        data, trigger = work / "data" / f"{attack}-{cfg.rate}", cfg.trigger(attack)
         if (data / "manifest.json").is_file():
-            _check_reused(data, cfg.trigger(attack), cfg.target)
+            _check_reused(data, trigger, cfg.target)
         else:
-            poison_dataset(train_uri, str(data), PoisonConfig(trigger=cfg.trigger(attack), rate=cfg.rate,
-                                                              target=cfg.target, seed=cfg.seed))
+            poison_dataset(train_uri, str(data), PoisonConfig(trigger=trigger, rate=cfg.rate, target=cfg.target,
+                                                              seed=cfg.seed))
         manifest = json.loads((data / "manifest.json").read_text())
         if cfg.setting == "scratch":
             train_cfg = cfg.train.model_copy(update={"seed": cfg.seed})
@@ -131,8 +131,7 @@ def run_bench(work_dir: str, cfg: BenchConfig, doc: str | None = None, command: 
             train_cfg = cfg.finetune.model_copy(update={"seed": cfg.seed, "init": str(clean_dir)})
         model_dir = work / "models" / f"{cfg.setting}-{attack}-{cfg.rate}"
         seconds = _train_timed(str(data), model_dir, train_cfg)
-        trigger, target = read_manifest(str(data))
-        metrics = evaluate(str(model_dir), eval_uri, trigger, target)
+        metrics = evaluate(str(model_dir), eval_uri, trigger, cfg.target)  # the manifest's, as checked above
         rows.append(_row(f"backdoored, {attack}", cfg.setting, metrics, seconds, manifest["n_poisoned"]))
     markdown = _markdown(rows, cfg, command)
     write_json({"config": cfg.model_dump(), "rows": rows}, str(work / f"results-{cfg.setting}.json"))
