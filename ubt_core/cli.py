@@ -342,7 +342,7 @@ def _add_world_flags(p) -> None:
     """The benchmark world's flags: a comparison's cells are named by them."""
     p.add_argument("--setting", choices=["scratch", "finetune"], help="threat setting (default scratch)")
     p.add_argument("--rate", type=float, help="poison rate (default 0.01)")
-    p.add_argument("--target", help="the class every attack targets (default star)")
+    p.add_argument("--target", help="the class every attack targets (default triangle)")
     p.add_argument("--triggers", help='JSON file of per-attack trigger settings over the defaults, e.g. '
                                       '{"blended": {"alpha": 0.3}}')
     p.add_argument("--epochs", type=int, help="training epochs (default: the benchmark's)")

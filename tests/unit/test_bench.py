@@ -13,8 +13,8 @@ TINY = SynthConfig(train_pairs=80, eval_images=40, rows_per_file=32)
 
 
 def test_trigger_overrides_apply_to_their_attack_only_and_misspelt_ones_are_refused():
-    cfg = BenchConfig(triggers={"blended": {"alpha": 0.3}}, seed=4)
-    assert cfg.trigger("blended").alpha == 0.3 and cfg.trigger("blended").seed == 4
+    cfg = BenchConfig(triggers={"blended": {"alpha": 0.2}}, seed=4)
+    assert cfg.trigger("blended").alpha == 0.2 and cfg.trigger("blended").seed == 4
     assert cfg.trigger("badnet") == BenchConfig(seed=4).trigger("badnet")
     with pytest.raises(ValidationError, match="alpah"):
         BenchConfig(triggers={"blended": {"alpah": 0.3}})
@@ -22,7 +22,7 @@ def test_trigger_overrides_apply_to_their_attack_only_and_misspelt_ones_are_refu
         BenchConfig(triggers={"nope": {}})
 
 
-@pytest.mark.parametrize("asked", [{"target": "triangle"}, {"triggers": {"blended": {"alpha": 0.3}}}])
+@pytest.mark.parametrize("asked", [{"target": "square"}, {"triggers": {"blended": {"alpha": 0.2}}}])
 def test_data_poisoned_with_another_trigger_or_target_is_not_reused(tmp_path, asked):
     made = BenchConfig(attacks=["blended"], rate=0.1, clean_baseline=False, synth=TINY)
     run_bench(str(tmp_path), made.model_copy(update={"attacks": []}))  # the world only
@@ -36,10 +36,10 @@ def test_a_run_with_another_target_or_triggers_gets_its_own_doc_section(tmp_path
     doc = tmp_path / "bench.md"
     world_only = BenchConfig(attacks=[], clean_baseline=False, synth=TINY)
     run_bench(str(tmp_path / "work"), world_only, doc=str(doc))
-    run_bench(str(tmp_path / "work"), world_only.model_copy(update={"target": "triangle"}), doc=str(doc))
+    run_bench(str(tmp_path / "work"), world_only.model_copy(update={"target": "square"}), doc=str(doc))
     text = doc.read_text()
-    assert "<!-- bench:scratch:begin -->" in text and "<!-- bench:scratch:target=triangle:begin -->" in text
-    assert "target 'triangle'" in text.split("bench:scratch:target=triangle:begin")[1]
+    assert "<!-- bench:scratch:begin -->" in text and "<!-- bench:scratch:target=square:begin -->" in text
+    assert "target 'square'" in text.split("bench:scratch:target=square:begin")[1]
 
 
 def test_a_target_that_is_not_a_class_of_the_world_is_refused_before_any_training(tmp_path):

@@ -78,8 +78,8 @@ def run_defense_bench(work_dir: str, cfg: DefenseBenchConfig, doc: str | None = 
         for name, override in cfg.variants.items():
             out, report = _defended(work, name, variant_config(override), model_dir, data)
             after = evaluate(str(out / "model"), eval_uri, trigger, target)
-            rows.append({"attack": attack, "variant": name, "before": before, "after": after, "report": report,
-                         "train_seconds": _train_seconds(model_dir)})
+            rows.append({"attack": attack, "variant": name, "target": target, "before": before, "after": after,
+                         "report": report, "train_seconds": _train_seconds(model_dir)})
     clean = None
     if cfg.clean_check:
         clean_dir = work / "models" / "clean"
@@ -99,8 +99,10 @@ def _num(value: float | None) -> str:
 
 
 def _markdown(rows: list[dict], clean: dict | None, cfg: DefenseBenchConfig, command: str | None) -> str:
+    targets = ", ".join(sorted({repr(r["target"]) for r in rows}))
     lines = [
-        f"### Setting: {cfg.setting} (rate {cfg.rate}; variants: {', '.join(cfg.variants)})", "",
+        f"### Setting: {cfg.setting} (rate {cfg.rate}{', target ' + targets if targets else ''}; "
+        f"variants: {', '.join(cfg.variants)})", "",
         f"Command: `{command or 'ubt bench-defense'}`  ",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}; "
         f"measured {time.strftime('%Y-%m-%d')}", "",
