@@ -15,6 +15,7 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE
 from flows.common import checkpoint_digest, code_version
 from ubt_core.attacks.poison import PoisonConfig, poison_dataset
 from ubt_core.attacks.triggers import make_trigger
+from ubt_core.bench import DEFAULT_TARGET
 from ubt_core.config import RayConfig
 from ubt_core.data.synth import SynthConfig, synth_benchmark
 from ubt_core.eval import evaluate as evaluate_model
@@ -50,7 +51,7 @@ def evaluate(model_dir: str, model_digest: str, eval_uri: str, poisoned_uri: str
 
 @flow(name="ubt-benchmark")
 def benchmark_flow(out: str = "runs/bench-flow", attacks: list[str] | None = None, rate: float = 0.01,
-                   target: str = "star", seed: int = 0, synth_cfg: SynthConfig | None = None,
+                   target: str = DEFAULT_TARGET, seed: int = 0, synth_cfg: SynthConfig | None = None,
                    train_cfg: TrainConfig | None = None, ray_cfg: RayConfig | None = None) -> dict[str, dict]:
     """Backdoored models for `attacks` (default: BadNet) on the synthetic world; returns each one's metrics."""
     root, code = Path(out).resolve(), code_version()  # Ray workers run in their own working directory

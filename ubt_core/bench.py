@@ -26,6 +26,10 @@ from ubt_core.eval import evaluate
 from ubt_core.models.checkpoint import CONFIG_NAME
 from ubt_core.train import TrainConfig, train_clip
 
+# a class that damaged images do not drift to in a never-poisoned model ("star" is one that they do:
+# docs/benchmark.md, "Another target class")
+DEFAULT_TARGET = "triangle"
+
 
 class BenchConfig(BaseModel):
     """One benchmark run: the world, the threat setting, and which attacks to plant."""
@@ -33,8 +37,7 @@ class BenchConfig(BaseModel):
     attacks: list[Literal[tuple(ATTACKS)]] = ATTACKS  # type: ignore[valid-type]
     setting: Literal["scratch", "finetune"] = "scratch"  # poison from scratch, or fine-tune the clean model
     rate: float = Field(0.01, gt=0, le=0.5)  # 1 % of pairs: the issue's upper bound
-    # a class that damaged images do not drift to in a clean model ("star" does: docs/benchmark.md)
-    target: str = "triangle"
+    target: str = DEFAULT_TARGET
     # per-attack overrides of the default trigger settings, e.g. {"blended": {"alpha": 0.2}}
     triggers: dict[Literal[tuple(ATTACKS)], dict] = {}  # type: ignore[valid-type]
     seed: int = 0

@@ -88,8 +88,9 @@ def _ubt_training(cfg: DefenseConfig, report: dict, n_pairs: int) -> tuple[int, 
 
 def _cell_digest(seed: int, defense: str, cfg: CompareConfig) -> str:
     """Names a cell by every setting its result depends on (not by the other cells of the comparison)."""
-    # default triggers (no overrides) keep the names cells had before trigger overrides existed
-    bench = cfg.bench.model_dump(exclude={"attacks", "seed"} | (set() if cfg.bench.triggers else {"triggers"}))
+    # the triggers as built, so that a changed default (or the default spelt out) names the cell it makes
+    bench = cfg.bench.model_dump(exclude={"attacks", "seed", "triggers"})
+    bench["triggers"] = {attack: cfg.bench.trigger(attack).model_dump(exclude={"seed"}) for attack in ATTACKS}
     settings = {"bench": bench, "defense": defense, "seed": seed}
     if defense == "ubt":
         settings["ubt"] = ubt_cell_config(cfg.ubt, seed).model_dump()

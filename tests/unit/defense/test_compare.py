@@ -56,6 +56,16 @@ def test_other_settings_make_a_new_cell(compared, tiny_compare, monkeypatch):
     assert len(calls) == 1
 
 
+def test_a_cell_is_named_by_its_triggers_as_built(tiny_compare, tmp_path):
+    def name(triggers):
+        return compare.row_file(tmp_path, 0, "blended", "ubt", tiny_compare.model_copy(
+            update={"bench": tiny_compare.bench.model_copy(update={"triggers": triggers})}))
+
+    default_alpha = make_trigger("blended").alpha
+    assert name({"blended": {"alpha": default_alpha}}) == name({})  # the default spelt out is the same cell
+    assert name({"blended": {"alpha": default_alpha / 2}}) != name({})
+
+
 def test_clean_subset_is_a_seeded_share_of_the_unpoisoned_pairs(tiny_world, tmp_path):
     poisoned = str(tmp_path / "poisoned")
     poison_dataset(tiny_world["train"], poisoned,
