@@ -51,8 +51,9 @@ class RefineConfig(BaseModel):
     # evidence: a drop of this much robust z between two consecutive ranks of the group's scores ...
     min_gap: float = Field(3.0, gt=0)
     gap_ranks: tuple[int, int] = (20, 1000)  # ... somewhere between these ranks (select's min_group and max_k) ...
-    # ... and at least this share of patched clean images matching the group's captions better than their own
-    min_match_rate: float = Field(0.05, gt=0, le=1)
+    # ... and pasting its pattern makes at least this much larger a share of clean images match the group's
+    # captions better than their own (patched rate - unpatched rate: a concept clean images prefer anyway is no trigger)
+    min_match_gain: float = Field(0.05, gt=0, le=1)
     cut_at_gap: bool = True  # a verified group's unlearning set is the pairs above its drop; False: select's thresholds
     seed: int = 0  # the caption clusters and the check images
 
@@ -67,6 +68,11 @@ class Refinement:
     above_gap: int  # how many pairs score above that drop
     evidence: bool
     start: str  # the start that converged on this group ("scan top" or "concept i")
+
+    @property
+    def match_gain(self) -> float:
+        """How much the group's pattern raises the match rate of clean images (-1 where it was not checked)."""
+        return -1.0 if self.match_rate is None else self.match_rate - self.clean_match_rate
 
 
 def pooled_pixels(dataset: PairDataset, side: int, batch_size: int = 512) -> torch.Tensor:
@@ -149,7 +155,7 @@ def refine(loaded: LoadedModel, dataset: PairDataset, suspicion: np.ndarray, tex
            clean_rows: np.ndarray, cfg: RefineConfig) -> list[Refinement]:
     """From the scan's top pairs and from each caption concept (`texts`: the suspect's caption embeddings),
     find the group sharing one pixel pattern. Only a group that stands apart is checked as a trigger. Returns
-    every start's group, the chosen one first: evidence first, then the pattern that works best as a trigger,
+    every start's group, the chosen one first: evidence first, then the pattern that raises the match rate most,
     then the largest drop."""
     matched_filter = MatchedFilter(pooled_pixels(dataset, cfg.side), cfg.shrinkage)
     starts = {"scan top": np.argsort(-suspicion, kind="stable")[:cfg.group_size]}
@@ -169,6 +175,5 @@ def refine(loaded: LoadedModel, dataset: PairDataset, suspicion: np.ndarray, tex
                 checked[key] = check.match_rates(dataset.stack(group))
             rate, clean_rate = checked[key]
         found.append(Refinement(scores, group, rate, clean_rate, gap, above,
-                                rate is not None and rate >= cfg.min_match_rate, name))
-    return sorted(found, key=lambda r: (r.evidence, -1.0 if r.match_rate is None else r.match_rate, r.gap),
-                  reverse=True)
+                                rate is not None and rate - clean_rate >= cfg.min_match_gain, name))
+    return sorted(found, key=lambda r: (r.evidence, r.match_gain, r.gap), reverse=True)

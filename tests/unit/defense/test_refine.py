@@ -137,7 +137,7 @@ def test_a_weakly_learned_trigger_still_acts_on_the_model():
     poisoned, _ = _numbered_images(100, 20, gen)
     poisoned[:, :, -4:, -4:] += 2.0
     rate, clean_rate = TriggerCheck(loaded, clean, pattern_z=3.0).match_rates((poisoned, torch.zeros(100, 1).long()))
-    assert RefineConfig().min_match_rate <= rate < 0.2 and clean_rate == 0.0
+    assert RefineConfig().min_match_gain <= rate < 0.2 and clean_rate == 0.0
 
 
 def test_starts_converge_together_as_they_would_alone():
@@ -155,13 +155,14 @@ class _CountingCheck:
     """Stands in for TriggerCheck: every group acts as a trigger; records which groups were checked."""
 
     checked: list[frozenset] = []
+    rates = (0.5, 0.0)  # with the pattern pasted, and without it
 
     def __init__(self, loaded, clean, pattern_z):
         _CountingCheck.checked = []
 
     def match_rates(self, group):
         _CountingCheck.checked.append(frozenset(group[0].tolist()))
-        return 0.5, 0.0
+        return _CountingCheck.rates
 
 
 class _Rows:
@@ -191,3 +192,16 @@ def test_only_groups_that_stand_apart_are_checked_and_each_group_once(monkeypatc
     assert _CountingCheck.checked == [frozenset(np.flatnonzero(poisoned).tolist())]
     assert sum(r.gap >= cfg.min_gap for r in found) >= 2  # the scan's top and the target's concept, checked once
     assert all(r.match_rate is None and not r.evidence for r in found if r.gap < cfg.min_gap)
+
+
+def test_a_pattern_that_leaves_the_match_rate_where_it_was_is_not_evidence(monkeypatch):
+    """A concept that a fifth of clean images match better than their own captions anyway (a random model
+    can have one) stays at a fifth with the group's pattern pasted on: the pattern triggers nothing."""
+    pixels, poisoned = _pixels()
+    monkeypatch.setattr(refine_module, "pooled_pixels", lambda dataset, side: pixels)
+    monkeypatch.setattr(refine_module, "TriggerCheck", _CountingCheck)
+    monkeypatch.setattr(_CountingCheck, "rates", (0.2, 0.2))
+    texts = torch.randn(len(poisoned), 8, generator=torch.Generator().manual_seed(0))
+    found = refine_module.refine(None, _Rows(len(poisoned)), _top_with_a_fifth_poisoned(poisoned, 60), texts,
+                                 np.flatnonzero(~poisoned), RefineConfig(group_size=60, concepts=4, check_size=100))
+    assert _CountingCheck.checked and not any(r.evidence for r in found)
