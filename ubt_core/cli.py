@@ -344,7 +344,7 @@ def _add_world_flags(p) -> None:
     p.add_argument("--rate", type=float, help="poison rate (default 0.01)")
     p.add_argument("--target", help="the class every attack targets (default triangle)")
     p.add_argument("--triggers", help='JSON file of per-attack trigger settings over the defaults, e.g. '
-                                      '{"blended": {"alpha": 0.3}}')
+                                      '{"blended": {"alpha": 0.2}}')
     p.add_argument("--epochs", type=int, help="training epochs (default: the benchmark's)")
     p.add_argument("--train-pairs", type=int)
     p.add_argument("--eval-images", type=int)
