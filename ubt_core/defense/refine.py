@@ -66,13 +66,18 @@ class Refinement:
     clean_match_rate: float | None  # the same for the unpatched clean images (None: no drop, not checked)
     gap: float  # the largest drop between consecutive sorted scores within `gap_ranks`
     above_gap: int  # how many pairs score above that drop
-    evidence: bool
     start: str  # the start that converged on this group ("scan top" or "concept i")
+    min_match_gain: float  # the gain that makes the group evidence (RefineConfig.min_match_gain)
 
     @property
     def match_gain(self) -> float:
         """How much the group's pattern raises the match rate of clean images (-1 where it was not checked)."""
         return -1.0 if self.match_rate is None else self.match_rate - self.clean_match_rate
+
+    @property
+    def evidence(self) -> bool:
+        """The group stood apart (so it was checked) and its pattern raised the match rate enough."""
+        return self.match_gain >= self.min_match_gain
 
 
 def pooled_pixels(dataset: PairDataset, side: int, batch_size: int = 512) -> torch.Tensor:
@@ -174,6 +179,5 @@ def refine(loaded: LoadedModel, dataset: PairDataset, suspicion: np.ndarray, tex
             if key not in checked:
                 checked[key] = check.match_rates(dataset.stack(group))
             rate, clean_rate = checked[key]
-        found.append(Refinement(scores, group, rate, clean_rate, gap, above,
-                                rate is not None and rate - clean_rate >= cfg.min_match_gain, name))
+        found.append(Refinement(scores, group, rate, clean_rate, gap, above, name, cfg.min_match_gain))
     return sorted(found, key=lambda r: (r.evidence, r.match_gain, r.gap), reverse=True)

@@ -2,6 +2,7 @@
 scan's top set, or a caption concept), and it counts as evidence only if it works as a trigger on the model."""
 
 import numpy as np
+import pytest
 import torch
 
 from ubt_core.defense import refine as refine_module
@@ -179,10 +180,17 @@ class _Rows:
         return rows, rows
 
 
-def test_only_groups_that_stand_apart_are_checked_and_each_group_once(monkeypatch):
+@pytest.fixture
+def stubbed_refine(monkeypatch) -> np.ndarray:
+    """`refine` over `_pixels()` with `_CountingCheck` for the trigger check; returns the poisoned rows' flags."""
     pixels, poisoned = _pixels()
     monkeypatch.setattr(refine_module, "pooled_pixels", lambda dataset, side: pixels)
     monkeypatch.setattr(refine_module, "TriggerCheck", _CountingCheck)
+    return poisoned
+
+
+def test_only_groups_that_stand_apart_are_checked_and_each_group_once(stubbed_refine):
+    poisoned = stubbed_refine
     suspicion = _top_with_a_fifth_poisoned(poisoned, 60)
     texts = torch.randn(len(poisoned), 8, generator=torch.Generator().manual_seed(0))
     texts[poisoned] = texts[0].clone()  # the poisoned captions all name the target: they share a concept
@@ -194,12 +202,10 @@ def test_only_groups_that_stand_apart_are_checked_and_each_group_once(monkeypatc
     assert all(r.match_rate is None and not r.evidence for r in found if r.gap < cfg.min_gap)
 
 
-def test_a_pattern_that_leaves_the_match_rate_where_it_was_is_not_evidence(monkeypatch):
+def test_a_pattern_that_leaves_the_match_rate_where_it_was_is_not_evidence(stubbed_refine, monkeypatch):
     """A concept that a fifth of clean images match better than their own captions anyway (a random model
     can have one) stays at a fifth with the group's pattern pasted on: the pattern triggers nothing."""
-    pixels, poisoned = _pixels()
-    monkeypatch.setattr(refine_module, "pooled_pixels", lambda dataset, side: pixels)
-    monkeypatch.setattr(refine_module, "TriggerCheck", _CountingCheck)
+    poisoned = stubbed_refine
     monkeypatch.setattr(_CountingCheck, "rates", (0.2, 0.2))
     texts = torch.randn(len(poisoned), 8, generator=torch.Generator().manual_seed(0))
     found = refine_module.refine(None, _Rows(len(poisoned)), _top_with_a_fifth_poisoned(poisoned, 60), texts,
