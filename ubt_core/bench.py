@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,12 +20,15 @@ import torch
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from ubt_core.attacks import ATTACKS, PoisonConfig, TriggerSpec, make_trigger, poison_dataset, read_manifest
-from ubt_core.data.contract import CLASSES_FILE, read_eval_classes, write_json
+from ubt_core.data.contract import CLASSES_FILE, read_eval_classes, read_eval_set, write_json
 from ubt_core.data.synth import SynthConfig, synth_benchmark
 from ubt_core.errors import UbtError
 from ubt_core.eval import evaluate
 from ubt_core.models.checkpoint import CONFIG_NAME
+from ubt_core.report import plot_triggers
 from ubt_core.train import TrainConfig, train_clip
+
+GALLERY_IMAGES = 8  # eval images the triggers figure shows
 
 # a class that damaged images do not drift to in a never-poisoned model ("star" is one that they do:
 # docs/benchmark.md, "Another target class")
@@ -114,6 +118,11 @@ def run_bench(work_dir: str, cfg: BenchConfig, doc: str | None = None, command: 
         raise UbtError(f"target {cfg.target!r} is not a class of {eval_uri}/{CLASSES_FILE} ({', '.join(classes)}); "
                        "pass one of them to --target.")
 
+    gallery = None
+    if cfg.attacks:
+        shown = read_eval_set(eval_uri)[0].table.slice(0, GALLERY_IMAGES).column("image").to_pylist()
+        gallery = plot_triggers(shown, {attack: cfg.trigger(attack) for attack in cfg.attacks},
+                                work / "figures" / "triggers.png")
     clean_dir = work / "models" / "clean"
     rows = []
     if cfg.clean_baseline:
@@ -137,11 +146,16 @@ def run_bench(work_dir: str, cfg: BenchConfig, doc: str | None = None, command: 
         seconds = _train_timed(str(data), model_dir, train_cfg)
         metrics = evaluate(str(model_dir), eval_uri, trigger, cfg.target)  # the manifest's, as checked above
         rows.append(_row(f"backdoored, {attack}", cfg.setting, metrics, seconds, manifest["n_poisoned"]))
-    markdown = _markdown(rows, cfg, command)
+    markdown = _markdown(rows, cfg, command, gallery and "figures/triggers.png")
     write_json({"config": cfg.model_dump(), "rows": rows}, str(work / f"results-{cfg.setting}.json"))
     (work / f"results-{cfg.setting}.md").write_text(markdown)
-    if doc:
-        write_doc_section(Path(doc), _doc_key(cfg), markdown)
+    if doc:  # the doc links a copy of the figure beside it, so it still shows once `work` is gone
+        key, link = _doc_key(cfg), None
+        if gallery:
+            link = f"figures/{key.replace(':', '-').replace('=', '-')}-triggers.png"
+            (Path(doc).parent / link).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(gallery, Path(doc).parent / link)
+        write_doc_section(Path(doc), key, _markdown(rows, cfg, command, link))
     return BenchReport(rows, markdown)
 
 
@@ -149,7 +163,8 @@ def _fmt(rate: float | None, num: int | None, den: int | None) -> str:
     return "–" if rate is None else f"{rate:.3f} ({num}/{den})"
 
 
-def _markdown(rows: list[dict], cfg: BenchConfig, command: str | None) -> str:
+def _markdown(rows: list[dict], cfg: BenchConfig, command: str | None, gallery: str | None) -> str:
+    """The table of `rows`, with the run's provenance and, when given, a link to the triggers figure."""
     train = cfg.train if cfg.setting == "scratch" else cfg.finetune
     lines = [
         f"### Setting: {cfg.setting} (rate {cfg.rate}, target {cfg.target!r}, {cfg.synth.train_pairs} train pairs, "
@@ -169,6 +184,8 @@ def _markdown(rows: list[dict], cfg: BenchConfig, command: str | None) -> str:
         lines.append(f"| {r['model']} | {r['n_poisoned']} | {_fmt(r['ca'], r['ca_num'], r['ca_den'])} | {delta} | "
                      f"{_fmt(r['asr'], r['asr_num'], r['asr_den'])} | {_fmt(r['ra'], r['ra_num'], r['ra_den'])} "
                      f"| {r['train_seconds'] / 60:.1f} |")
+    if gallery:
+        lines += ["", f"![the triggers on eval images]({gallery})"]
     return "\n".join(lines) + "\n"
 
 

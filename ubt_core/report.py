@@ -14,6 +14,7 @@ import pyarrow as pa  # noqa: E402
 import torch  # noqa: E402
 from open_clip.push_to_hf_hub import generate_readme  # noqa: E402
 
+from ubt_core.attacks import TriggerSpec  # noqa: E402
 from ubt_core.data.images import decode_pixels  # noqa: E402
 from ubt_core.models import LoadedModel  # noqa: E402
 
@@ -185,6 +186,25 @@ its {OUTLINED_TOKENS} most salient tokens are outlined; a trigger shows up in th
 {stages}
 """
     return _write_text(out / "report.md", text)
+
+
+def plot_triggers(images: list[bytes], triggers: dict[str, TriggerSpec], path: Path) -> Path:
+    """One row of `images` as they are and one row per trigger, as the benchmark plants it: what each attack
+    does to a picture."""
+    pixels = [decode_pixels(data) for data in images]
+    rows = {"clean": pixels} | {name: [trigger.apply(p) for p in pixels] for name, trigger in triggers.items()}
+    fig, axes = plt.subplots(len(rows), len(pixels), figsize=(0.9 * len(pixels) + 1.2, 0.9 * len(rows)),
+                             squeeze=False)
+    for row, (name, shown) in zip(axes, rows.items(), strict=True):
+        for ax, picture in zip(row, shown, strict=True):
+            ax.imshow(picture, interpolation="nearest")
+            ax.set(xticks=[], yticks=[])
+        row[0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def plot_comparison(results: pa.Table, out_dir: Path) -> list[Path]:

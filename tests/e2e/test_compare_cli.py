@@ -26,11 +26,15 @@ def test_bench_refuses_unknown_defenses_and_bad_seeds(ubt_main, tmp_path):
     assert "--seeds 0,x" in proc.stderr
 
 
-def test_bench_unlearn_refuses_unknown_settings_and_names_a_missing_ubt_cell(ubt_main, tmp_path):
+def test_bench_unlearn_refuses_unknown_settings_and_slashed_names_and_names_a_missing_ubt_cell(ubt_main, tmp_path):
     variants = tmp_path / "variants.json"
     variants.write_text(json.dumps({"short": {"stepz": 1}}))
     proc = ubt_main("bench-unlearn", "--out", str(tmp_path / "work"), "--variants", str(variants), ok=False)
     assert "stepz" in proc.stderr
+    variants.write_text(json.dumps({"1/16": {"steps": 1}}))  # a name is a directory: a slash would nest it
+    for command in ("bench-unlearn", "bench-defense"):
+        proc = ubt_main(command, "--out", str(tmp_path / "work"), "--variants", str(variants), ok=False)
+        assert "variant name '1/16' names a directory" in proc.stderr, command
     variants.write_text(json.dumps({"short": {"steps": 1}}))
     proc = ubt_main("bench-unlearn", "--out", str(tmp_path / "work"), "--variants", str(variants),
                     "--attacks", "sig", "--seeds", "1", ok=False)

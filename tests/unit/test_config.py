@@ -8,6 +8,7 @@ from pydantic import ValidationError
 
 from ubt_core.config import (
     RunConfig,
+    _is_credential_name,
     config_digest,
     flatten_config,
     load_run_config,
@@ -49,11 +50,11 @@ def test_minimal_yaml_gets_every_default(minimal, tmp_path, monkeypatch):
 def test_overrides_reach_any_depth_typed_and_win_over_the_file(minimal):
     minimal.write_text(MINIMAL + "defense:\n  unlearn:\n    steps: 40\n")
     cfg = load_run_config(minimal, ["defense.unlearn.steps=5", "defense.overfit.lr=1e-4", "ray.use_gpu=true",
-                                    "data.eval=null", "defense.select.k=7", "defense.unlearn.tokens_per_pair=2"])
+                                    "data.eval=null", "defense.select.k=7", "defense.unlearn.transplant_share=0.25"])
     assert cfg.defense.unlearn.steps == 5 and isinstance(cfg.defense.unlearn.steps, int)
     assert cfg.defense.overfit.lr == pytest.approx(1e-4)
     assert cfg.ray.use_gpu is True and cfg.data.eval is None and cfg.defense.select.k == 7
-    assert cfg.defense.unlearn.tokens_per_pair == 2  # `token` inside a longer word is not a credential
+    assert cfg.defense.unlearn.transplant_share == 0.25
     assert load_run_config(None, ["data.train=s3://b/pairs", "model=ubt-tiny"]).data.train == "s3://b/pairs"
 
 
@@ -79,6 +80,7 @@ def test_credential_keys_are_refused_without_echoing_them(minimal):
     assert "s3.Secret_Key" in message and "environment" in message and "hunter2" not in message
     for override in ("s3.aws_access_key_id=AKIA", "mlflow.token=abc", "ray.password=x", "s3.key=k"):
         assert "environment" in _error(minimal, [override]), override
+    assert not any(map(_is_credential_name, ("tokens_per_pair", "max_k", "monkey")))  # words, not substrings
 
 
 def test_ray_address_excludes_num_cpus(minimal):

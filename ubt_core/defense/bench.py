@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from ubt_core.attacks import ATTACKS, read_manifest
 from ubt_core.bench import write_doc_section
@@ -34,6 +34,20 @@ class DefenseBenchConfig(BaseModel):
     rate: float = Field(0.01, gt=0, le=0.5)
     variants: dict[str, dict] = {"ubt": {}}  # name -> DefenseConfig overrides (nested dicts)
     clean_check: bool = True  # also defend the clean model on clean data
+
+    @field_validator("variants")
+    @classmethod
+    def _names_are_directory_names(cls, variants: dict[str, dict]) -> dict[str, dict]:
+        return check_variant_names(variants)
+
+
+def check_variant_names(variants: dict[str, dict]) -> dict[str, dict]:
+    """Variant names name directories under OUT: a separator would nest them (or leave OUT), so it is refused."""
+    for name in variants:
+        if not name or name.startswith(".") or "/" in name or "\\" in name:
+            raise ValueError(f"variant name {name!r} names a directory: use letters, digits and - _ = + . "
+                             "(not starting with a dot, no slashes)")
+    return variants
 
 
 def merge_settings(base: dict, override: dict) -> dict:

@@ -41,7 +41,7 @@ from ubt_core.defense.refine import RefineConfig, Refinement, refine
 from ubt_core.defense.saliency import token_saliency
 from ubt_core.defense.scan import ScanConfig, scan_scores
 from ubt_core.defense.select import SelectConfig, select_pairs
-from ubt_core.defense.unlearn import UnlearnConfig, unlearn
+from ubt_core.defense.unlearn import UnlearnConfig, resolved_scope, unlearn
 from ubt_core.eval.detection import detection_metrics
 from ubt_core.models import load_model, save_model
 from ubt_core.report import write_defense_report, write_model_card
@@ -184,7 +184,8 @@ def unlearn_stage(model_dir: str, data_uri: str, out_dir: str | Path, cfg: Unlea
                   provenance: dict | None = None) -> dict:
     """Unlearn the selected pairs' trigger from the suspect; writes OUT/model and what the report shows.
 
-    Without selected pairs (no evidence, no fixed k) the suspect is saved unchanged.
+    Without selected pairs (no evidence, no fixed k) the suspect is saved unchanged. An `auto` scope is resolved
+    from OUT/selection.json: how the pairs were found decides how their trigger is put on clean images.
     """
     out = Path(out_dir)
     table = read_checked_pairs(data_uri)  # validate_stage checked every row
@@ -195,7 +196,9 @@ def unlearn_stage(model_dir: str, data_uri: str, out_dir: str | Path, cfg: Unlea
     tensors: dict[str, torch.Tensor] = {}
     if len(forget):
         retain_images = dataset.pixels(_rows(table, pc.filter(ranked.column("uid"), ranked.column("retained"))))
-        cleaned, info = unlearn(suspect, *dataset.stack(forget), retain_images, cfg)
+        selection = json.loads((out / SELECTION_FILE).read_text())
+        scope = resolved_scope(cfg.scope, selection)
+        cleaned, info = unlearn(suspect, *dataset.stack(forget), retain_images, cfg.model_copy(update={"scope": scope}))
         tensors = {name: info.pop(name) for name in ("patch_saliency", "token_saliency", "pattern") if name in info}
     else:
         cleaned, info = suspect, {"skipped": "no strong backdoor evidence and no fixed k"}

@@ -24,9 +24,9 @@ from ubt_core.attacks import TriggerSpec, read_manifest
 from ubt_core.bench import write_doc_section
 from ubt_core.config import config_digest
 from ubt_core.data.contract import write_json
-from ubt_core.defense.bench import merge_settings, variant_config
+from ubt_core.defense.bench import check_variant_names, merge_settings, variant_config
 from ubt_core.defense.compare import CompareConfig, cell_dir, cell_inputs, ubt_cell_config
-from ubt_core.defense.stages import SUSPICIOUS_FILE, unlearn_stage
+from ubt_core.defense.stages import SELECTION_FILE, SUSPICIOUS_FILE, unlearn_stage
 from ubt_core.defense.unlearn import UnlearnConfig
 from ubt_core.errors import UbtError
 from ubt_core.eval import evaluate
@@ -43,7 +43,7 @@ class SweepConfig(BaseModel):
     def _known_settings(cls, variants: dict[str, dict]) -> dict[str, dict]:
         for override in variants.values():  # a misspelt setting fails here, before any cell runs
             variant_config({"unlearn": override})
-        return variants
+        return check_variant_names(variants)
 
 
 def _selection(seed_dir: Path, seed: int, attack: str, cfg: CompareConfig) -> Path:
@@ -64,7 +64,8 @@ def _unlearned(seed_dir: Path, ranked: Path, attack: str, name: str, unlearn_cfg
         return json.loads((out / RESULT_FILE).read_text())
     model_dir, data = cell_inputs(seed_dir, attack, cfg)
     out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(ranked, out / SUSPICIOUS_FILE)
+    for name in (SUSPICIOUS_FILE, SELECTION_FILE):  # the cell's selection, and how it was found
+        shutil.copyfile(ranked.parent / name, out / name)
     start = time.perf_counter()
     unlearn_stage(str(model_dir), str(data), out, unlearn_cfg)
     seconds = round(time.perf_counter() - start, 1)

@@ -4,10 +4,11 @@ The trigger found in the selected pairs is put onto clean retain images, and the
 so that a triggered clean image embeds like the frozen suspect embeds the untouched one, and no
 closer to the selected captions' shared concept (the target) than that. A distillation term keeps
 clean retain images where the suspect put them. Only a portion of the parameters moves. The
-trigger is either each pair's most salient patch tokens, transplanted (`scope="token"`), or the
-pattern the selected images share, on the tokens where it is significant (`scope="pattern"`): per
-token, a scale and an offset (`SharedTrigger`), so a pasted patch, a blended key image and an added
-signal are each put on as they were.
+trigger is either the pattern the selected images share, on the tokens where it is significant
+(`scope="pattern"`): per token, a scale and an offset (`SharedTrigger`), so a pasted patch, a blended
+key image and an added signal are each put on as they were; or each pair's most salient patch tokens,
+transplanted (`scope="token"`), for a trigger that is no pixel pattern (a warp moves each image's own
+pixels). `scope="auto"` takes the pattern unless refine looked for one and found none.
 
 Sample-level (`scope="full"`, the ablation): gradient ascent on the CLIP loss of the selected pairs,
 with the same retain term.
@@ -32,11 +33,14 @@ Portion = Literal["all", "visual", "visual-early"]
 class UnlearnConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a misspelt setting is an error, not a silent default
 
-    # token: transplant each selected pair's salient patch tokens; pattern: put on the selected pairs' common
-    # pattern on the tokens where it is significant; full: sample-level gradient ascent (ablation)
-    scope: Literal["token", "pattern", "full"] = "pattern"
+    # pattern: put on the selected pairs' common pattern on the tokens where it is significant; token: transplant
+    # each selected pair's salient patch tokens; auto: the pattern, unless the pairs collapse and refine found
+    # no pattern they share (a warp): then tokens ("Unlearning a warp", docs/algorithm.md); full: gradient ascent
+    scope: Literal["auto", "pattern", "token", "full"] = "auto"
     portion: Portion = "visual"  # which parameters may change (ablation in docs/algorithm.md)
-    tokens_per_pair: int = Field(4, ge=1)  # salient patch tokens transplanted from each selected pair
+    # share of each selected image's patch tokens transplanted, most salient first: a scrambled image's
+    # trigger is everywhere, and three quarters unlearn it where a sixteenth (4 of 64) does not
+    transplant_share: float = Field(0.75, gt=0, le=1)
     pattern_z: float = Field(3.0, gt=0)  # significance a token's mean difference needs to be part of the pattern
     # how the pattern sits on an image: affine (scale * image + offset per token: a paste, a blend, an
     # addition) or additive (the mean difference added; the ablation)
@@ -48,6 +52,9 @@ class UnlearnConfig(BaseModel):
     lr: float = Field(1e-4, gt=0)
     batch_size: int = Field(32, ge=2)  # retain images per step (each also gets a patched copy)
     retain_weight: float = Field(60.0, ge=0)
+    # the retain weight where tokens are transplanted: three quarters of a clean image replaced pull harder
+    # than a pasted pattern; at 60 the scrambling WaNet lost 1.2 points of CA, at 100 0.7 (docs/algorithm.md)
+    transplant_retain_weight: float = Field(100.0, ge=0)
     # keep triggered images from moving closer to the selected captions' shared concept (the target)
     # than their clean originals are (the unlearning sweeps in docs/algorithm.md)
     target_weight: float = Field(10.0, ge=0)
@@ -143,9 +150,21 @@ def shared_pattern(forget: torch.Tensor, retain: torch.Tensor, patch_size: tuple
     return SharedTrigger(scale, offset, token_mask, (mean_forget - mean_retain) * mask)
 
 
+def resolved_scope(scope: str, selection: dict) -> str:
+    """The unlearning scope for a selection (select's summary): `auto` is the shared pattern, unless the pairs
+    were selected by their collapse after refine found no pattern they share; then each pair's tokens."""
+    if scope != "auto":
+        return scope
+    unexplained = selection.get("evidence_kind") == "collapse" and selection.get("refine") is not None
+    return "token" if unexplained else "pattern"
+
+
 def unlearn(suspect: LoadedModel, forget_images: torch.Tensor, forget_texts: torch.Tensor,
             retain_images: torch.Tensor, cfg: UnlearnConfig) -> tuple[LoadedModel, dict]:
-    """A copy of `suspect` with the backdoor unlearned; also returns what it did (for the report)."""
+    """A copy of `suspect` with the backdoor unlearned; also returns what it did (for the report).
+    `cfg.scope` must be resolved (`resolved_scope`)."""
+    if cfg.scope == "auto":
+        raise ValueError("unlearn needs a resolved scope: pass the config through resolved_scope first")
     student = suspect.copy()
     teacher = suspect.model.eval()
     with torch.no_grad():
@@ -158,11 +177,14 @@ def unlearn(suspect: LoadedModel, forget_images: torch.Tensor, forget_texts: tor
         info |= {"patch_saliency": saliency.patches, "token_saliency": saliency.tokens}
         shape = tuple(forget_images.shape[-2:])
         if cfg.scope == "token":
-            masks = top_patch_masks(saliency, cfg.tokens_per_pair, shape)
+            n_tokens = max(1, round(cfg.transplant_share * saliency.patches[0].numel()))
+            masks = top_patch_masks(saliency, n_tokens, shape)
+            info |= {"tokens_per_pair": n_tokens}
         else:
             trigger = shared_pattern(forget_images, retain_images, saliency.patch_size, cfg.pattern_z,
                                      cfg.trigger_model == "affine")
             info |= {"pattern_tokens": int(trigger.token_mask.sum()), "pattern": trigger.pattern}
+    retain_weight = cfg.transplant_retain_weight if cfg.scope == "token" else cfg.retain_weight
     params = trainable_parameters(student.model, cfg.portion)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     clip_loss = ClipLoss()
@@ -175,7 +197,7 @@ def unlearn(suspect: LoadedModel, forget_images: torch.Tensor, forget_texts: tor
         if cfg.scope == "full":
             forget = student.model(forget_images[donors], forget_texts[donors])
             retained = student.model.encode_image(clean, normalize=True)
-            loss = -clip_loss(*forget[:3]) + cfg.retain_weight * _cosine_distance(retained, target)
+            loss = -clip_loss(*forget[:3]) + retain_weight * _cosine_distance(retained, target)
         else:
             if cfg.scope == "token":
                 patched = torch.where(masks[donors], forget_images[donors], clean)
@@ -185,7 +207,7 @@ def unlearn(suspect: LoadedModel, forget_images: torch.Tensor, forget_texts: tor
             embedded = student.model.encode_image(torch.cat([patched, clean]), normalize=True)
             triggered = embedded[:len(clean)]
             retained = embedded[len(clean):]
-            loss = _cosine_distance(triggered, target) + cfg.retain_weight * _cosine_distance(retained, target)
+            loss = _cosine_distance(triggered, target) + retain_weight * _cosine_distance(retained, target)
             loss = loss + cfg.target_weight * torch.relu(triggered @ concept - affinity).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

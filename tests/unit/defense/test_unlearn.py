@@ -6,7 +6,7 @@ import torch
 
 from ubt_core.defense.overfit import OverfitConfig, overfit, weakest_pairs
 from ubt_core.defense.saliency import token_saliency, top_patch_masks
-from ubt_core.defense.unlearn import UnlearnConfig, pattern_tokens, shared_pattern, unlearn
+from ubt_core.defense.unlearn import UnlearnConfig, pattern_tokens, resolved_scope, shared_pattern, unlearn
 from ubt_core.models import create_model
 
 
@@ -75,7 +75,7 @@ def test_overfit_changes_a_copy_only(tiny, tiny_world):
 def test_unlearning_moves_only_its_portion(tiny, portion):
     images, texts = _batch(tiny, n=8)
     before = _params(tiny.model)
-    cfg = UnlearnConfig(steps=2, batch_size=4, portion=portion)
+    cfg = UnlearnConfig(scope="pattern", steps=2, batch_size=4, portion=portion)
     student, info = unlearn(tiny, images[:4], texts[:4], images[4:], cfg)
     assert all(torch.equal(before[n], p) for n, p in tiny.model.named_parameters())  # suspect untouched
     moved = {n for n, p in student.model.named_parameters() if not torch.equal(before[n], p)}
@@ -95,6 +95,24 @@ def test_sample_level_unlearning_runs_without_saliency(tiny):
                       UnlearnConfig(scope="full", steps=1, batch_size=4))
     assert info["scope"] == "full" and "patch_saliency" not in info
     assert np.isfinite(info["trainable_fraction"])
+
+
+def test_auto_scope_transplants_tokens_only_where_refine_found_no_shared_pattern(tiny):
+    assert resolved_scope("auto", {"evidence_kind": "shared pattern", "refine": {"verified": True}}) == "pattern"
+    assert resolved_scope("auto", {"evidence_kind": "collapse", "refine": {"verified": False}}) == "token"
+    assert resolved_scope("auto", {"evidence_kind": "collapse", "refine": None}) == "pattern"  # refine never looked
+    assert resolved_scope("token", {"evidence_kind": "shared pattern", "refine": {"verified": True}}) == "token"
+    images, texts = _batch(tiny, n=8)
+    with pytest.raises(ValueError, match="resolved scope"):
+        unlearn(tiny, images[:4], texts[:4], images[4:], UnlearnConfig(steps=1, batch_size=4))
+
+
+def test_token_unlearning_transplants_its_share_of_each_pairs_tokens(tiny):
+    images, texts = _batch(tiny, n=8)
+    grid = tiny.image_size // token_saliency(tiny, images[:1], texts[:1]).patch_size[0]
+    _, info = unlearn(tiny, images[:4], texts[:4], images[4:],
+                      UnlearnConfig(scope="token", transplant_share=0.25, steps=1, batch_size=4))
+    assert info["scope"] == "token" and info["tokens_per_pair"] == grid * grid // 4
 
 
 def test_pattern_tokens_mark_where_the_selected_images_share_a_pattern():

@@ -1,0 +1,22 @@
+import os
+
+from ubt_core.defense.ubt import DefenseConfig, scan_digest
+
+
+def test_a_retrained_model_or_rewritten_data_in_the_same_place_gets_a_new_scan(tmp_path):
+    model, data = tmp_path / "model", tmp_path / "data"
+    (model / "checkpoints").mkdir(parents=True)
+    data.mkdir()
+    weights, part = model / "open_clip_model.safetensors", data / "part-00000.parquet"
+    weights.write_bytes(b"first weights")
+    part.write_bytes(b"pairs")
+    digest = scan_digest(str(model), str(data), DefenseConfig())
+    assert scan_digest(str(model), str(data), DefenseConfig()) == digest  # nothing changed: the scan is reused
+
+    weights.write_bytes(b"other weights")  # same size: only the modification time tells
+    os.utime(weights, ns=(10**18, 10**18))
+    retrained = scan_digest(str(model), str(data), DefenseConfig())
+    assert retrained != digest
+
+    (data / "part-00001.parquet").write_bytes(b"more pairs")
+    assert scan_digest(str(model), str(data), DefenseConfig()) not in (digest, retrained)
