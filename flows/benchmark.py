@@ -21,7 +21,7 @@ from ubt_core.data.synth import SynthConfig, synth_benchmark
 from ubt_core.eval import evaluate as evaluate_model
 from ubt_core.eval import resolve_trigger
 from ubt_core.jobs import run_train_job
-from ubt_core.tracking import dataset_digest
+from ubt_core.provenance import dataset_digest
 from ubt_core.train import TrainConfig
 
 CACHED = (INPUTS + TASK_SOURCE) - "ray"  # where training runs never changes the model

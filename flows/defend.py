@@ -42,7 +42,8 @@ from ubt_core.defense.unlearn import UnlearnConfig
 from ubt_core.eval import evaluate as evaluate_model
 from ubt_core.eval import resolve_trigger
 from ubt_core.jobs import run_scan_job, run_stage_job
-from ubt_core.tracking import Tracker, dataset_digest
+from ubt_core.provenance import dataset_digest
+from ubt_core.tracking import Tracker
 
 # where a stage runs and whom it reports to never change its result, so they stay out of the cache key
 CACHED = (INPUTS + TASK_SOURCE) - "ctx" - "ray"

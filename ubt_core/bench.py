@@ -149,12 +149,9 @@ def run_bench(work_dir: str, cfg: BenchConfig, doc: str | None = None, command: 
     markdown = _markdown(rows, cfg, command, gallery and "figures/triggers.png")
     write_json({"config": cfg.model_dump(), "rows": rows}, str(work / f"results-{cfg.setting}.json"))
     (work / f"results-{cfg.setting}.md").write_text(markdown)
-    if doc:  # the doc links a copy of the figure beside it, so it still shows once `work` is gone
-        key, link = _doc_key(cfg), None
-        if gallery:
-            link = f"figures/{key.replace(':', '-').replace('=', '-')}-triggers.png"
-            (Path(doc).parent / link).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(gallery, Path(doc).parent / link)
+    if doc:
+        key = _doc_key(cfg)
+        link = copy_beside_doc(Path(doc), [gallery], key.replace(":", "-").replace("=", "-"))[0] if gallery else None
         write_doc_section(Path(doc), key, _markdown(rows, cfg, command, link))
     return BenchReport(rows, markdown)
 
@@ -187,6 +184,16 @@ def _markdown(rows: list[dict], cfg: BenchConfig, command: str | None, gallery: 
     if gallery:
         lines += ["", f"![the triggers on eval images]({gallery})"]
     return "\n".join(lines) + "\n"
+
+
+def copy_beside_doc(doc: Path, figures: list[Path], folder: str) -> list[str]:
+    """Copies of `figures` in the doc's figures/FOLDER/, so the doc still shows them once the work directory
+    is gone; returns their links relative to the doc."""
+    shown = doc.parent / "figures" / folder
+    shown.mkdir(parents=True, exist_ok=True)
+    for path in figures:
+        shutil.copyfile(path, shown / path.name)
+    return [f"figures/{folder}/{path.name}" for path in figures]
 
 
 def write_doc_section(doc: Path, key: str, markdown: str) -> None:

@@ -9,7 +9,6 @@ the open_clip local-dir itself, and `lineage` walks a model version back to the 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import re
@@ -25,7 +24,6 @@ from urllib.parse import unquote, urlparse
 
 import mlflow
 import pandas as pd
-import pyarrow.fs as pafs
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import DatasetInput, InputTag, LoggedModelOutput, LoggedModelStatus, Metric, Param, RunStatus
@@ -38,7 +36,6 @@ from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_I
 from mlflow.utils.validation import MAX_DATASET_DIGEST_SIZE, MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
 
 from ubt_core.config import flatten_config, redact_value
-from ubt_core.data.contract import CLASSES_FILE, filesystem, list_parquet_files
 from ubt_core.errors import UbtError
 
 logger = logging.getLogger(__name__)
@@ -47,8 +44,6 @@ FLAVOR_FILE = Path(__file__).parent / "models" / "mlflow_flavor.py"  # executed 
 MODEL_ARTIFACT = "model"  # name of the logged model inside its run
 CHECKPOINT_FILES = ("open_clip_config.json", "open_clip_model.safetensors", "ubt.json", "README.md")
 STAGE_TAG, KIND_TAG = "ubt.stage", "ubt.kind"
-_EDGE_BYTES = 1 << 20  # head and tail read per Parquet file by `dataset_digest`
-_DIGEST_CHARS = 32  # hex chars of sha256 kept: MLflow caps dataset digests at 36 characters
 _METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
 # what the pyfunc needs at serving time; exact pins keep a served model numerically equal to ours
 _SERVING_PACKAGES = ("mlflow", "torch", "torchvision", "open_clip_torch", "safetensors", "pandas", "pillow")
@@ -244,33 +239,6 @@ def _log_metrics(client: mlflow.MlflowClient, run_id: str, metrics: Mapping[str,
     rows = [Metric(key, float(value), now, step or 0) for key, value in metrics.items()]
     for start in range(0, len(rows), _METRICS_PER_BATCH):
         client.log_batch(run_id, metrics=rows[start:start + _METRICS_PER_BATCH])
-
-
-def dataset_digest(uri: str) -> str:
-    """A cheap content digest (32 hex chars) of a Parquet dataset directory or file, local or s3://.
-
-    Hashes each file's name and size, its first and last MiB and its whole Parquet footer (row counts,
-    statistics, offsets), plus `classes.json` when present. Reads about 2 MiB per file, never the whole
-    dataset, so an edit in the middle of a large file that keeps its size and footer goes unnoticed.
-    """
-    fs, files = list_parquet_files(uri)
-    _, root = filesystem(uri)
-    classes = f"{root.rstrip('/')}/{CLASSES_FILE}"  # eval sets: the class names decide what a label means
-    if fs.get_file_info(classes).type == pafs.FileType.File:
-        files = [*files, classes]
-    digest = hashlib.sha256()
-    for path in files:
-        size = fs.get_file_info(path).size
-        digest.update(f"{Path(path).name}\0{size}\0".encode())
-        with fs.open_input_file(path) as f:
-            if size <= 2 * _EDGE_BYTES:
-                digest.update(f.read_at(size, 0))
-                continue
-            footer = int.from_bytes(f.read_at(8, size - 8)[:4], "little") + 8 if path.endswith(".parquet") else 0
-            tail = min(size - _EDGE_BYTES, max(_EDGE_BYTES, footer))
-            digest.update(f.read_at(_EDGE_BYTES, 0))
-            digest.update(f.read_at(tail, size - tail))
-    return digest.hexdigest()[:_DIGEST_CHARS]
 
 
 def lineage(tracking_uri: str, name: str, version: str | int) -> dict[str, Any]:

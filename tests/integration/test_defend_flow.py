@@ -12,7 +12,8 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from ubt_core.attacks.poison import PoisonConfig, poison_dataset
 from ubt_core.attacks.triggers import make_trigger
 from ubt_core.models import create_model, save_model
-from ubt_core.tracking import dataset_digest, lineage, source_uri
+from ubt_core.provenance import dataset_digest
+from ubt_core.tracking import lineage, source_uri
 
 BEFORE_UNLEARN = {"validate", "scan_suspect", "overfit", "scan_overfit", "select"}
 SMALL = ["defense.overfit.steps=2", "defense.overfit.weak_per_batch=8", "defense.overfit.normal_per_batch=8",

@@ -25,7 +25,8 @@ from PIL import Image
 
 from ubt_core.errors import UbtError
 from ubt_core.models import create_model, load_model, save_model
-from ubt_core.tracking import Tracker, dataset_digest, lineage, source_uri
+from ubt_core.provenance import dataset_digest
+from ubt_core.tracking import Tracker, lineage, source_uri
 
 MODEL_NAME = "ubt-defended"
 

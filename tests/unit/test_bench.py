@@ -57,8 +57,8 @@ def test_the_doc_shows_every_planted_trigger_on_eval_images(tmp_path):
                       train=TrainConfig(epochs=1, batch_size=16))
     doc = tmp_path / "docs" / "bench.md"
     run_bench(str(tmp_path / "work"), cfg, doc=str(doc))
-    figure = tmp_path / "docs" / "figures" / "bench-scratch-triggers.png"
-    assert figure.is_file() and "![the triggers on eval images](figures/bench-scratch-triggers.png)" in doc.read_text()
+    figure = tmp_path / "docs" / "figures" / "bench-scratch" / "triggers.png"
+    assert figure.is_file() and "![the triggers on eval images](figures/bench-scratch/triggers.png)" in doc.read_text()
     assert "](figures/triggers.png)" in (tmp_path / "work" / "results-scratch.md").read_text()
 
 

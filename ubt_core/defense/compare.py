@@ -16,7 +16,6 @@ import hashlib
 import json
 import os
 import platform
-import shutil
 import time
 from pathlib import Path
 from typing import Literal
@@ -29,7 +28,7 @@ import torch
 from pydantic import BaseModel, Field
 
 from ubt_core.attacks import ATTACKS, read_manifest
-from ubt_core.bench import BenchConfig, run_bench, write_doc_section
+from ubt_core.bench import BenchConfig, copy_beside_doc, run_bench, write_doc_section
 from ubt_core.data.contract import read_pairs, write_json, write_pairs
 from ubt_core.defense.baselines import NEEDS_CLEAN_SET, BaselineConfig, run_baseline
 from ubt_core.defense.bench import merge_settings, variant_config
@@ -176,12 +175,8 @@ def write_results(work: Path, rows: list[dict], cfg: CompareConfig, doc: str | N
     figures = plot_comparison(table, work / "figures")
     markdown = results_markdown(table, cfg, command, [f"figures/{path.name}" for path in figures])
     (work / "results.md").write_text(markdown)
-    if doc:  # the doc links copies of the figures beside it, so it still shows them once `work` is gone
-        shown = Path(doc).parent / "figures" / f"results-{cfg.bench.setting}"
-        shown.mkdir(parents=True, exist_ok=True)
-        for path in figures:
-            shutil.copyfile(path, shown / path.name)
-        links = [f"figures/{shown.name}/{path.name}" for path in figures]
+    if doc:
+        links = copy_beside_doc(Path(doc), figures, f"results-{cfg.bench.setting}")
         write_doc_section(Path(doc), f"results:{cfg.bench.setting}", results_markdown(table, cfg, command, links))
     return markdown
 

@@ -176,6 +176,11 @@ def _rows(table: pa.Table, uids: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return pc.index_in(uids, value_set=table.column("uid")).to_numpy(zero_copy_only=False).astype(np.int64)
 
 
+def _selection(out: Path) -> dict:
+    """What the select stage found (selection.json): k, the evidence and how it was found."""
+    return json.loads((out / SELECTION_FILE).read_text())
+
+
 def _suspicious(out: Path) -> pa.Table:
     return pq.read_table(out / SUSPICIOUS_FILE)  # sorted by rank: most suspicious first
 
@@ -196,8 +201,7 @@ def unlearn_stage(model_dir: str, data_uri: str, out_dir: str | Path, cfg: Unlea
     tensors: dict[str, torch.Tensor] = {}
     if len(forget):
         retain_images = dataset.pixels(_rows(table, pc.filter(ranked.column("uid"), ranked.column("retained"))))
-        selection = json.loads((out / SELECTION_FILE).read_text())
-        scope = resolved_scope(cfg.scope, selection)
+        scope = resolved_scope(cfg.scope, _selection(out))
         cleaned, info = unlearn(suspect, *dataset.stack(forget), retain_images, cfg.model_copy(update={"scope": scope}))
         tensors = {name: info.pop(name) for name in ("patch_saliency", "token_saliency", "pattern") if name in info}
     else:
@@ -234,7 +238,7 @@ def report_stage(model_dir: str, data_uri: str, out_dir: str | Path, config: dic
     """
     start = time.perf_counter()
     out = Path(out_dir)
-    selection = json.loads((out / SELECTION_FILE).read_text())
+    selection = _selection(out)
     info = json.loads((out / UNLEARN_FILE).read_text())
     report = {"model": str(model_dir), "data": data_uri, **selection,
               "verdict": _verdict(selection), "unlearn": info,

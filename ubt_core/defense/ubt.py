@@ -15,16 +15,16 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
-import pyarrow.fs as pafs
 from pydantic import BaseModel, ConfigDict, Field
 
-from ubt_core.data.contract import filesystem, write_json
+from ubt_core.data.contract import write_json
 from ubt_core.defense import stages
 from ubt_core.defense.overfit import OverfitConfig
 from ubt_core.defense.refine import RefineConfig
 from ubt_core.defense.scan import ScanConfig
 from ubt_core.defense.select import SelectConfig
 from ubt_core.defense.unlearn import UnlearnConfig
+from ubt_core.provenance import checkpoint_digest, dataset_digest
 
 
 class DefenseConfig(BaseModel):
@@ -60,20 +60,11 @@ class _Stages:
         self.seconds[name] = round(time.perf_counter() - start, 2)
 
 
-def _files_state(uri: str) -> list[tuple[str, int | None, int | None]]:
-    """(path, size, modification time) of every file under `uri`: a model retrained or a dataset rewritten
-    in the same place changes it."""
-    fs, root = filesystem(uri)
-    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
-    return sorted((info.path[len(root):], info.size, info.mtime_ns) for info in infos
-                  if info.type == pafs.FileType.File)
-
-
 def scan_digest(model_dir: str, data_uri: str, cfg: DefenseConfig) -> str:
     """Names a scan (suspect embeddings, over-fitted model and its embeddings) by everything it depends on,
-    the current files of the model and the data included."""
+    the contents of the model and the data included (a model retrained in the same place gets a new scan)."""
     key = {"model": str(model_dir), "data": data_uri, "overfit": cfg.overfit.model_dump(),
-           "batch_size": cfg.batch_size, "files": [_files_state(str(model_dir)), _files_state(data_uri)]}
+           "batch_size": cfg.batch_size, "weights": checkpoint_digest(model_dir), "pairs": dataset_digest(data_uri)}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
