@@ -12,7 +12,6 @@ from pathlib import Path
 from prefect import flow, task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
-from flows.common import checkpoint_digest, code_version
 from ubt_core.attacks.poison import PoisonConfig, poison_dataset
 from ubt_core.attacks.triggers import make_trigger
 from ubt_core.bench import DEFAULT_TARGET
@@ -21,7 +20,7 @@ from ubt_core.data.synth import SynthConfig, synth_benchmark
 from ubt_core.eval import evaluate as evaluate_model
 from ubt_core.eval import resolve_trigger
 from ubt_core.jobs import run_train_job
-from ubt_core.provenance import dataset_digest
+from ubt_core.provenance import checkpoint_digest, code_version, dataset_digest
 from ubt_core.train import TrainConfig
 
 CACHED = (INPUTS + TASK_SOURCE) - "ray"  # where training runs never changes the model

@@ -11,8 +11,8 @@ from pathlib import Path
 from prefect import flow, task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
-from flows.common import code_version
 from ubt_core.defense.compare import CompareConfig, make_model, needs_model, run_cell, write_results
+from ubt_core.provenance import code_version
 
 
 @task(cache_policy=INPUTS + TASK_SOURCE, persist_result=True)

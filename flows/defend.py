@@ -22,7 +22,6 @@ from prefect import flow, task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 from prefect.runtime import flow_run
 
-from flows.common import checkpoint_digest, code_version, file_digest
 from ubt_core.config import (
     EvalConfig,
     RayConfig,
@@ -42,7 +41,7 @@ from ubt_core.defense.unlearn import UnlearnConfig
 from ubt_core.eval import evaluate as evaluate_model
 from ubt_core.eval import resolve_trigger
 from ubt_core.jobs import run_scan_job, run_stage_job
-from ubt_core.provenance import dataset_digest
+from ubt_core.provenance import checkpoint_digest, code_version, dataset_digest, file_digest
 from ubt_core.tracking import Tracker
 
 # where a stage runs and whom it reports to never change its result, so they stay out of the cache key
