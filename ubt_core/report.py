@@ -154,8 +154,12 @@ def write_defense_report(out: Path, report: dict, columns: dict[str, np.ndarray]
                   ("AUROC", f"{d['auroc']:.3f}")]
     if "trainable_fraction" in report["unlearn"]:
         u = report["unlearn"]
-        facts.append(("unlearning", f"{u['scope']}-level, portion `{u['portion']}` "
-                                    f"({100 * u['trainable_fraction']:.0f} % of parameters)"))
+        moved = {"token": f"; the {u.get('tokens_per_pair')} most salient patch tokens of each selected image "
+                          "transplanted onto clean images",
+                 "pattern": f"; the shared pattern pasted on {u.get('pattern_tokens')} patch tokens"}
+        share = f"{100 * u['trainable_fraction']:.0f} % of parameters"
+        facts.append(("unlearning",
+                      f"{u['scope']}-level, portion `{u['portion']}` ({share}){moved.get(u['scope'], '')}"))
     trigger = ""
     if pattern is not None:
         _trigger(out / TRIGGER_FILE, pattern)

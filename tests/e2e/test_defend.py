@@ -49,6 +49,7 @@ def test_defend_writes_model_table_and_reports(ubt, suspect, tmp_path):
     card = (out / "model" / "README.md").read_text()
     assert "library_name: open_clip" in card and f"local-dir:{out / 'model'}" in card and "recall@k" in card
     assert "estimated_trigger.png" in text and (out / "estimated_trigger.png").stat().st_size > 0
+    assert f"pattern pasted on {report['unlearn']['pattern_tokens']} patch tokens" in text  # what the unlearning moved
 
 
 def test_without_evidence_the_model_is_left_unchanged(ubt_main, suspect, tmp_path):

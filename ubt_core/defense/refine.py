@@ -55,6 +55,9 @@ class RefineConfig(BaseModel):
     # captions better than their own (patched rate - unpatched rate: a concept clean images prefer anyway is no trigger)
     min_match_gain: float = Field(0.05, gt=0, le=1)
     cut_at_gap: bool = True  # a verified group's unlearning set is the pairs above its drop; False: select's thresholds
+    # a collapsed group with no shared pattern is re-ranked by its direction in the suspect's image embeddings ...
+    regroup_collapse: bool = True
+    regroup_contrast: int = Field(2000, ge=1)  # ... against the images of this many pairs captioned most alike
     seed: int = 0  # the caption clusters and the check images
 
 
@@ -90,13 +93,14 @@ def pooled_pixels(dataset: PairDataset, side: int, batch_size: int = 512) -> tor
 
 
 class MatchedFilter:
-    """The whitened matched filter over pooled pixels; the covariance is inverted once for every start."""
+    """The whitened matched filter over one vector per row (pooled pixels, or image embeddings); the covariance
+    is inverted once for every start."""
 
-    def __init__(self, pixels: torch.Tensor, shrinkage: float):
-        self.pixels = pixels
-        self.mean = pixels.mean(dim=0)
-        self.centred = pixels - self.mean
-        eigenvalues, eigenvectors = torch.linalg.eigh(self.centred.T @ self.centred / len(pixels))
+    def __init__(self, rows: torch.Tensor, shrinkage: float):
+        self.rows = rows
+        self.mean = rows.mean(dim=0)
+        self.centred = rows - self.mean
+        eigenvalues, eigenvectors = torch.linalg.eigh(self.centred.T @ self.centred / len(rows))
         self.inverse = (eigenvectors / (eigenvalues.clamp(min=0) + shrinkage * eigenvalues.mean())) @ eigenvectors.T
 
     def converge(self, starts: list[np.ndarray], iterations: int, group_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -105,10 +109,36 @@ class MatchedFilter:
         Returns the scores (starts x rows) and the final groups (starts x group_size)."""
         groups = starts
         for _ in range(max(iterations, 1)):
-            patterns = torch.stack([self.pixels[group].mean(dim=0) for group in groups]) - self.mean
-            scores = np.stack([robust_z(row) for row in ((patterns @ self.inverse) @ self.centred.T).numpy()])
+            scores = self.scores(torch.stack([self.rows[group].mean(dim=0) for group in groups]) - self.mean)
             groups = np.argsort(-scores, axis=1, kind="stable")[:, :group_size]
         return scores, groups
+
+    def scores(self, patterns: torch.Tensor) -> np.ndarray:
+        """Robust z of every row's match to each pattern (patterns x rows)."""
+        return np.stack([robust_z(row) for row in ((patterns @ self.inverse) @ self.centred.T).numpy()])
+
+
+def regroup(images: torch.Tensor, texts: torch.Tensor, collapsed: np.ndarray, cfg: RefineConfig) -> np.ndarray:
+    """Robust z of every pair's match to what a collapsed group's images share beyond their captions, in the
+    suspect's embeddings (`images`, `texts`): the matched filter over embeddings instead of pixels, started
+    from the `collapsed` rows.
+
+    A trigger with no shared pixel pattern (a warp) still moves every triggered image the same way in the
+    model's embedding space. The density score sees only the most collapsed of them. The pattern is the
+    group's mean image less the mean image of the `regroup_contrast` pairs whose captions are nearest the
+    group's mean caption: poisoned captions name the target, so the group's direction against all pairs also
+    points at the target's genuine images; against the pairs captioned alike it points at the trigger.
+    Re-estimated from the top `group_size` rows, it also ranks the triggered images that collapsed less.
+    Any group has such a direction (a content group too), so this ranks; it is no evidence.
+    """
+    matched_filter = MatchedFilter(images, cfg.shrinkage)
+    group = collapsed
+    for _ in range(max(cfg.iterations, 1)):
+        concept = torch.nn.functional.normalize(texts[group].mean(dim=0), dim=0)
+        alike = np.setdiff1d(np.argsort(-(texts @ concept).numpy(), kind="stable")[:cfg.regroup_contrast], group)
+        (scores,) = matched_filter.scores((images[group].mean(dim=0) - images[alike].mean(dim=0))[None])
+        group = np.argsort(-scores, kind="stable")[:cfg.group_size]
+    return scores
 
 
 def largest_gap(scores: np.ndarray, ranks: tuple[int, int]) -> tuple[float, int]:

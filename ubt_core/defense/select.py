@@ -4,7 +4,8 @@ The suspicion score is a robust z-score, so the clean bulk sits near 0 whatever 
 Backdoor evidence is a group of pairs far out in the tail (above `evidence_threshold`) larger than
 a clean tail produces; with evidence, the unlearning set is every pair above the lower
 `select_threshold`, most suspicious first (recall matters more than precision there: unlearning
-tolerates clean pairs in the set, not missed trigger variants). Without evidence k is 0.
+tolerates clean pairs in the set, not missed trigger variants). Without evidence k is 0. The retain set
+is drawn from every pair under `select_threshold`.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class SelectConfig(BaseModel):
 @dataclass
 class Selection:
     forget: np.ndarray  # row indices, most suspicious first
-    retain: np.ndarray  # row indices of confidently clean pairs
+    retain: np.ndarray  # row indices of pairs under the selection threshold (and not unlearned)
     evidence: bool  # a group of clearly anomalous pairs exists
     n_anomalous: int  # pairs above evidence_threshold
 
@@ -50,7 +51,10 @@ def select_pairs(suspicion: np.ndarray, cfg: SelectConfig, poisoned: np.ndarray 
     n_anomalous = int((suspicion > cfg.evidence_threshold).sum())
     evidence = n_anomalous >= max(cfg.min_group, cfg.min_group_fraction * len(suspicion))
     k = cfg.k if cfg.k is not None else (int((suspicion > cfg.select_threshold).sum()) if evidence else 0)
-    clean = order[len(order) // 2:]  # the less suspicious half
-    retain = np.sort(np.random.default_rng(cfg.seed).choice(clean, min(cfg.retain_size, len(clean)), replace=False))
     forget = order[poisoned[order]] if cfg.oracle else order[:min(k, cfg.max_k)]
+    # every pair under the selection threshold, not only the less suspicious half: a ranking can follow content,
+    # and the half leaves some out (a warp's collapse ranking kept 24 squares in 2,000; with that half, the
+    # same unlearning cost 1.7 points of CA, against 0.7 with this rule, docs/algorithm.md step 4)
+    clean = np.setdiff1d(np.flatnonzero(suspicion <= cfg.select_threshold), forget)
+    retain = np.sort(np.random.default_rng(cfg.seed).choice(clean, min(cfg.retain_size, len(clean)), replace=False))
     return Selection(forget, retain, evidence, n_anomalous)

@@ -35,12 +35,12 @@ from ubt_core.data.contract import (
     write_pairs,
     write_table,
 )
-from ubt_core.defense.embed import SCANNED_COLUMNS, embed_batch, read_embeddings
+from ubt_core.defense.embed import SCANNED_COLUMNS, PairEmbeddings, embed_batch, read_embeddings
 from ubt_core.defense.overfit import OverfitConfig, overfit
-from ubt_core.defense.refine import RefineConfig, Refinement, refine
+from ubt_core.defense.refine import RefineConfig, Refinement, refine, regroup
 from ubt_core.defense.saliency import token_saliency
 from ubt_core.defense.scan import ScanConfig, scan_scores
-from ubt_core.defense.select import SelectConfig, select_pairs
+from ubt_core.defense.select import SelectConfig, Selection, select_pairs
 from ubt_core.defense.unlearn import UnlearnConfig, resolved_scope, unlearn
 from ubt_core.eval.detection import detection_metrics
 from ubt_core.models import load_model, save_model
@@ -131,13 +131,31 @@ def _refine(model_dir: str, table: pa.Table, columns: dict[str, np.ndarray], tex
                                                    "starts": [_refinement_summary(r, poisoned) for r in tried]}
 
 
+def _regroup(columns: dict[str, np.ndarray], suspect: PairEmbeddings, collapse: Selection, select: SelectConfig,
+             cfg: RefineConfig, poisoned: np.ndarray | None) -> Selection:
+    """Re-rank every pair by what the collapsed group's images share beyond their captions (`regroup`; the
+    `regrouped` column becomes the suspicion) when that sets a group apart by select's own rule; else the
+    collapse stands.
+
+    Only the pairs above the evidence threshold are unlearned: a direction fitted to a group also ranks the
+    content nearest to it above select's lower threshold (on the benchmark's warp, rings and crescents).
+    """
+    scores = regroup(suspect.images, suspect.texts, collapse.forget, cfg)
+    selection = select_pairs(scores, select, poisoned)
+    if not selection.evidence:
+        return collapse
+    columns["regrouped"] = columns["suspicion"] = scores
+    return select_pairs(scores, select.model_copy(update={"k": selection.n_anomalous}), poisoned)
+
+
 def select_stage(data_uri: str, suspect_embeddings: str, overfit_embeddings: str | None, out_dir: str | Path,
                  scan: ScanConfig, select: SelectConfig, model_dir: str, refine_cfg: RefineConfig) -> dict:
     """Score every pair, choose the unlearning and retain sets; writes suspicious.parquet and selection.json.
 
     The shared pixel pattern of the top pairs (and of each caption concept) is refined and checked as a
     trigger on the suspect (`model_dir`). A verified pattern is the evidence, and it overrides a collapsed
-    group: the pairs above its drop carry the trigger, where a collapse may hold only part of them.
+    group: the pairs above its drop carry the trigger, where a collapse may hold only part of them. A collapse
+    that no pattern explains is re-ranked by its direction in the suspect's image embeddings (`_regroup`).
     """
     out = Path(out_dir)
     table = read_checked_pairs(data_uri)  # validate_stage checked every row
@@ -155,6 +173,9 @@ def select_stage(data_uri: str, suspect_embeddings: str, overfit_embeddings: str
         elif refined["verified"]:
             selection = select_pairs(columns["suspicion"], select, poisoned)
             kind = "shared pattern" if selection.evidence else None
+        elif kind == "collapse" and refine_cfg.regroup_collapse:  # a collapse that no pixel pattern explains
+            selection = _regroup(columns, suspect, selection, select, refine_cfg, poisoned)
+            refined["regrouped"] = "regrouped" in columns
     rank = np.empty(len(uids), np.int64)
     rank[np.argsort(-columns["suspicion"], kind="stable")] = np.arange(1, len(uids) + 1)
     flags = {name: np.zeros(len(uids), bool) for name in ("selected", "retained")}
@@ -224,6 +245,9 @@ def _verdict(selection: dict) -> str:
                 f"images, makes {refined['trigger_match_rate']:.0%} of them match the group's captions better "
                 f"than their own ({refined['clean_match_rate']:.0%} without it), and {refined['above_gap']} images "
                 f"stand apart by it (a drop of {refined['gap']:.1f} z); {k} pairs unlearned")
+    if evidence and (refined or {}).get("regrouped"):
+        return (f"backdoor evidence: a group of pairs whose images collapse onto one point, with no pixel pattern "
+                f"they share; {k} pairs lying along the group's direction in the image embeddings unlearned")
     if evidence:
         return f"backdoor evidence: a group of pairs whose images collapse onto one point; {k} pairs unlearned"
     found = "no strong backdoor evidence: no anomalous group of pairs"

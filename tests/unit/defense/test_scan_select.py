@@ -100,3 +100,13 @@ def test_only_a_verified_pattern_before_the_overfit_makes_it_unnecessary():
     assert not fixed_k.select_before_overfit() and fixed_k.needs_overfit(None)
     no_overfit = DefenseConfig(overfit={"steps": 0})  # the ablation: the first selection is the selection
     assert no_overfit.select_before_overfit() and not no_overfit.needs_overfit({"evidence_kind": None})
+
+
+def test_the_retain_set_spans_every_pair_under_the_threshold():
+    """A ranking can follow content: drawing only from the least suspicious half would leave out whatever
+    content ranks high, so every pair under the selection threshold may be retained, and no selected one."""
+    suspicion = np.r_[np.linspace(-3, 3, 1000), np.full(30, 10.0)]
+    selection = select_pairs(suspicion, SelectConfig(retain_size=500))
+    retained = suspicion[selection.retain]
+    assert len(selection.forget) == 30 and not set(selection.retain) & set(selection.forget)
+    assert retained.max() <= SelectConfig().select_threshold and (retained > np.median(suspicion)).sum() > 100

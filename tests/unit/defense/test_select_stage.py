@@ -5,6 +5,7 @@ collapsed group that holds only part of the trigger's pairs."""
 import json
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
@@ -66,3 +67,47 @@ def test_a_verified_pattern_replaces_a_collapsed_group(tiny_world, tmp_path, mon
     assert summary["evidence_kind"] == "shared pattern" and summary["k"] == 25
     suspicious = pq.read_table(tmp_path / stages.SUSPICIOUS_FILE).to_pandas()
     assert sorted(suspicious[suspicious.selected].uid) == sorted(np.asarray(uids.to_pylist())[:25])
+
+
+
+def _collapse_and_its_direction(tmp_path, n: int = 2000, group: int = 20) -> tuple[str, str]:
+    """Pairs (never decoded: refine is stubbed) and embeddings: clean images spread over 15 content dimensions;
+    the first `group` images are one point on a 16th, and the next `group` keep their content and lean towards
+    that point (a trigger learned less on them). Returns the data and embeddings URIs."""
+    uids = pa.array([f"pair-{i:05d}" for i in range(n)])
+    (tmp_path / "pairs").mkdir()
+    pq.write_table(pa.table({"uid": uids, "image": pa.array([b""] * n), "caption": pa.array(["a photo."] * n)}),
+                   tmp_path / "pairs" / "part-0.parquet")
+    gen = torch.Generator().manual_seed(0)
+    images = torch.cat([torch.randn(n, 15, generator=gen), 0.01 * torch.randn(n, 1, generator=gen)], 1)
+    images[:group] = torch.nn.functional.one_hot(torch.tensor(15), 16).float()
+    images[group:2 * group, 15] += 2.0
+    images, texts = torch.nn.functional.normalize(images, dim=1), torch.randn(n, 16, generator=gen)
+    columns = [pa.FixedSizeListArray.from_arrays(pa.array(v.numpy().reshape(-1)), 16) for v in (images, texts)]
+    pq.write_table(pa.table({"uid": uids, "image_emb": columns[0], "text_emb": columns[1]}),
+                   tmp_path / "embeddings.parquet")
+    return str(tmp_path / "pairs"), str(tmp_path / "embeddings.parquet")
+
+
+def _unverified(model_dir, table, columns, texts, clean_rows, cfg, poisoned):
+    columns["pattern"] = np.zeros(len(columns["suspicion"]))
+    return {"verified": False}
+
+
+def test_a_collapse_no_pattern_explains_is_regrouped_along_its_direction(tmp_path, monkeypatch):
+    data, embeddings = _collapse_and_its_direction(tmp_path)
+    monkeypatch.setattr(stages, "_refine", _unverified)
+    collapsed, leaning = {f"pair-{i:05d}" for i in range(20)}, {f"pair-{i:05d}" for i in range(20, 40)}
+
+    def selected(refine_cfg: RefineConfig) -> tuple[dict, set[str], pd.DataFrame]:
+        summary = stages.select_stage(data, embeddings, None, tmp_path, ScanConfig(neighbours=10),
+                                      SelectConfig(min_group=10, retain_size=20), "unused", refine_cfg)
+        suspicious = pq.read_table(tmp_path / stages.SUSPICIOUS_FILE).to_pandas()
+        return summary, set(suspicious[suspicious.selected].uid), suspicious
+
+    summary, rows, _ = selected(RefineConfig(group_size=20, regroup_collapse=False))
+    assert summary["evidence_kind"] == "collapse" and collapsed <= rows and not leaning & rows
+    summary, rows, suspicious = selected(RefineConfig(group_size=20))
+    assert summary["evidence_kind"] == "collapse" and summary["refine"]["regrouped"]
+    assert collapsed | leaning <= rows and len(rows) < 50
+    assert (suspicious.regrouped == suspicious.suspicion).all()
