@@ -131,21 +131,25 @@ def _refine(model_dir: str, table: pa.Table, columns: dict[str, np.ndarray], tex
                                                    "starts": [_refinement_summary(r, poisoned) for r in tried]}
 
 
-def _regroup(columns: dict[str, np.ndarray], suspect: PairEmbeddings, collapse: Selection, select: SelectConfig,
-             cfg: RefineConfig, poisoned: np.ndarray | None) -> Selection:
-    """Re-rank every pair by what the collapsed group's images share beyond their captions (`regroup`; the
-    `regrouped` column becomes the suspicion) when that sets a group apart by select's own rule; else the
-    collapse stands.
+def _regroup(columns: dict[str, np.ndarray], suspect: PairEmbeddings, select: SelectConfig, cfg: RefineConfig,
+             poisoned: np.ndarray | None) -> tuple[Selection, int] | None:
+    """Re-rank every pair by what the scan's densest images share beyond their captions (`regroup`, started from
+    the pairs over select's threshold); the `regrouped` column becomes the suspicion. Returns the selection and
+    how many of the regrouped group's top `group_size` pairs the scan saw collapsed, or None (columns untouched)
+    when fewer than `min_group` were: a trigger's images collapse together, so its group stays dense, where a
+    few dense clean pairs (near-duplicates) lead to a content group that is not.
 
     Only the pairs above the evidence threshold are unlearned: a direction fitted to a group also ranks the
     content nearest to it above select's lower threshold (on the benchmark's warp, rings and crescents).
     """
-    scores = regroup(suspect.images, suspect.texts, collapse.forget, cfg)
+    scan = columns["suspicion"]
+    scores = regroup(suspect.images, suspect.texts, np.flatnonzero(scan > select.select_threshold), cfg)
+    collapsed = int((scan[np.argsort(-scores, kind="stable")[:cfg.group_size]] > select.select_threshold).sum())
     selection = select_pairs(scores, select, poisoned)
-    if not selection.evidence:
-        return collapse
+    if not selection.evidence or collapsed < select.min_group:
+        return None
     columns["regrouped"] = columns["suspicion"] = scores
-    return select_pairs(scores, select.model_copy(update={"k": selection.n_anomalous}), poisoned)
+    return select_pairs(scores, select.model_copy(update={"k": selection.n_anomalous}), poisoned), collapsed
 
 
 def select_stage(data_uri: str, suspect_embeddings: str, overfit_embeddings: str | None, out_dir: str | Path,
@@ -154,8 +158,9 @@ def select_stage(data_uri: str, suspect_embeddings: str, overfit_embeddings: str
 
     The shared pixel pattern of the top pairs (and of each caption concept) is refined and checked as a
     trigger on the suspect (`model_dir`). A verified pattern is the evidence, and it overrides a collapsed
-    group: the pairs above its drop carry the trigger, where a collapse may hold only part of them. A collapse
-    that no pattern explains is re-ranked by its direction in the suspect's image embeddings (`_regroup`).
+    group: the pairs above its drop carry the trigger, where a collapse may hold only part of them. Dense pairs
+    that no pattern explains are regrouped in the suspect's image embeddings (`_regroup`); a regrouped group
+    that stays collapsed is evidence even where too few pairs passed select's own rule.
     """
     out = Path(out_dir)
     table = read_checked_pairs(data_uri)  # validate_stage checked every row
@@ -173,9 +178,12 @@ def select_stage(data_uri: str, suspect_embeddings: str, overfit_embeddings: str
         elif refined["verified"]:
             selection = select_pairs(columns["suspicion"], select, poisoned)
             kind = "shared pattern" if selection.evidence else None
-        elif kind == "collapse" and refine_cfg.regroup_collapse:  # a collapse that no pixel pattern explains
-            selection = _regroup(columns, suspect, selection, select, refine_cfg, poisoned)
-            refined["regrouped"] = "regrouped" in columns
+        elif refine_cfg.regroup_collapse and selection.n_anomalous:  # dense pairs that no pixel pattern explains
+            regrouped = _regroup(columns, suspect, select, refine_cfg, poisoned)
+            refined["regrouped"] = regrouped is not None
+            if regrouped is not None:
+                selection, refined["regrouped_collapsed"] = regrouped
+                kind = "collapse"
     rank = np.empty(len(uids), np.int64)
     rank[np.argsort(-columns["suspicion"], kind="stable")] = np.arange(1, len(uids) + 1)
     flags = {name: np.zeros(len(uids), bool) for name in ("selected", "retained")}
@@ -246,8 +254,9 @@ def _verdict(selection: dict) -> str:
                 f"than their own ({refined['clean_match_rate']:.0%} without it), and {refined['above_gap']} images "
                 f"stand apart by it (a drop of {refined['gap']:.1f} z); {k} pairs unlearned")
     if evidence and (refined or {}).get("regrouped"):
-        return (f"backdoor evidence: a group of pairs whose images collapse onto one point, with no pixel pattern "
-                f"they share; {k} pairs lying along the group's direction in the image embeddings unlearned")
+        return (f"backdoor evidence: the most collapsed images share a direction in the image embeddings, and "
+                f"{refined['regrouped_collapsed']} of the {refined['group_size']} pairs furthest along it collapse "
+                f"too (no pixel pattern explains them); {k} pairs along it unlearned")
     if evidence:
         return f"backdoor evidence: a group of pairs whose images collapse onto one point; {k} pairs unlearned"
     found = "no strong backdoor evidence: no anomalous group of pairs"

@@ -111,3 +111,36 @@ def test_a_collapse_no_pattern_explains_is_regrouped_along_its_direction(tmp_pat
     assert summary["evidence_kind"] == "collapse" and summary["refine"]["regrouped"]
     assert collapsed | leaning <= rows and len(rows) < 50
     assert (suspicious.regrouped == suspicious.suspicion).all()
+
+
+def _few_dense(monkeypatch, regrouped_rows: np.ndarray, n: int = 2000) -> None:
+    """A scan with 12 pairs over the evidence threshold and 20 more over the selection threshold (too few for
+    select's own rule at min_group 20), and a regroup that puts `regrouped_rows` on top."""
+    scan = np.r_[np.full(12, 6.0), np.full(20, 4.0), np.random.default_rng(0).normal(scale=0.5, size=n - 32)]
+    monkeypatch.setattr(stages, "scan_scores", lambda suspect, amplified, cfg: {"suspicion": scan.copy()})
+    monkeypatch.setattr(stages, "_refine", _unverified)
+    regrouped = np.random.default_rng(1).normal(scale=0.5, size=n)
+    regrouped[regrouped_rows] = 9.0
+    monkeypatch.setattr(stages, "regroup", lambda images, texts, start, cfg: regrouped)
+
+
+def test_a_regrouped_group_that_stays_collapsed_is_evidence(tmp_path, monkeypatch):
+    """Only 12 pairs pass select's evidence threshold, but the 40 pairs the regroup puts on top include all 32
+    the scan saw collapsed: evidence, and the 40 are unlearned."""
+    data, embeddings = _collapse_and_its_direction(tmp_path)
+    _few_dense(monkeypatch, np.arange(40))
+    summary = stages.select_stage(data, embeddings, None, tmp_path, ScanConfig(), SelectConfig(retain_size=20),
+                                  "unused", RefineConfig(group_size=40))
+    assert summary["backdoor_evidence"] and summary["evidence_kind"] == "collapse" and summary["k"] == 40
+    assert summary["refine"]["regrouped"] and summary["refine"]["regrouped_collapsed"] == 32
+
+
+def test_a_regrouped_group_that_does_not_collapse_is_no_evidence(tmp_path, monkeypatch):
+    """The same 12 dense pairs lead to a group of 40 of which the scan saw only those 12 collapsed (near-duplicates
+    in a content group): no evidence, nothing unlearned."""
+    data, embeddings = _collapse_and_its_direction(tmp_path)
+    _few_dense(monkeypatch, np.r_[np.arange(12), np.arange(100, 128)])
+    summary = stages.select_stage(data, embeddings, None, tmp_path, ScanConfig(), SelectConfig(retain_size=20),
+                                  "unused", RefineConfig(group_size=40))
+    assert not summary["backdoor_evidence"] and summary["k"] == 0 and summary["refine"]["regrouped"] is False
+    assert "regrouped" not in pq.read_table(tmp_path / stages.SUSPICIOUS_FILE).column_names
