@@ -55,7 +55,7 @@ class RefineConfig(BaseModel):
     # captions better than their own (patched rate - unpatched rate: a concept clean images prefer anyway is no trigger)
     min_match_gain: float = Field(0.05, gt=0, le=1)
     cut_at_gap: bool = True  # a verified group's unlearning set is the pairs above its drop; False: select's thresholds
-    # a collapsed group with no shared pattern is re-ranked by its direction in the suspect's image embeddings ...
+    # dense pairs that no shared pattern explains are regrouped by their direction in the image embeddings ...
     regroup_collapse: bool = True
     regroup_contrast: int = Field(2000, ge=1)  # ... against the images of this many pairs captioned most alike
     seed: int = 0  # the caption clusters and the check images
@@ -118,10 +118,10 @@ class MatchedFilter:
         return np.stack([robust_z(row) for row in ((patterns @ self.inverse) @ self.centred.T).numpy()])
 
 
-def regroup(images: torch.Tensor, texts: torch.Tensor, collapsed: np.ndarray, cfg: RefineConfig) -> np.ndarray:
-    """Robust z of every pair's match to what a collapsed group's images share beyond their captions, in the
+def regroup(images: torch.Tensor, texts: torch.Tensor, dense: np.ndarray, cfg: RefineConfig) -> np.ndarray:
+    """Robust z of every pair's match to what a group of dense images shares beyond their captions, in the
     suspect's embeddings (`images`, `texts`): the matched filter over embeddings instead of pixels, started
-    from the `collapsed` rows.
+    from the `dense` rows (those the scan saw collapsed).
 
     A trigger with no shared pixel pattern (a warp) still moves every triggered image the same way in the
     model's embedding space. The density score sees only the most collapsed of them. The pattern is the
@@ -129,10 +129,11 @@ def regroup(images: torch.Tensor, texts: torch.Tensor, collapsed: np.ndarray, cf
     group's mean caption: poisoned captions name the target, so the group's direction against all pairs also
     points at the target's genuine images; against the pairs captioned alike it points at the trigger.
     Re-estimated from the top `group_size` rows, it also ranks the triggered images that collapsed less.
-    Any group has such a direction (a content group too), so this ranks; it is no evidence.
+    Any group has such a direction (a content group too), so this ranks; whether the group found is a
+    trigger's is the caller's test (`stages._regroup`: its pairs stay collapsed).
     """
     matched_filter = MatchedFilter(images, cfg.shrinkage)
-    group = collapsed
+    group = dense
     for _ in range(max(cfg.iterations, 1)):
         concept = torch.nn.functional.normalize(texts[group].mean(dim=0), dim=0)
         alike = np.setdiff1d(np.argsort(-(texts @ concept).numpy(), kind="stable")[:cfg.regroup_contrast], group)
