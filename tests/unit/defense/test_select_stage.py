@@ -1,6 +1,7 @@
-"""The select stage after a verified refine: the pattern is the evidence and the pairs above its drop the
+"""The select stage after refine. A verified pattern is the evidence and the pairs above its drop the
 unlearning set, even where select's own threshold rule would not call it a group, and instead of a
-collapsed group that holds only part of the trigger's pairs."""
+collapsed group that holds only part of the trigger's pairs. Dense pairs that no pattern explains are
+regrouped, and the regrouped group is evidence only if it stays collapsed."""
 
 import json
 
@@ -17,6 +18,12 @@ from ubt_core.defense.scan import ScanConfig
 from ubt_core.defense.select import SelectConfig
 
 
+def _write_embeddings(uids: pa.ChunkedArray | pa.Array, images: np.ndarray, texts: np.ndarray, path) -> None:
+    """An embeddings file (the scan's output) with these (N, D) image and caption rows."""
+    columns = [pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1)), v.shape[1]) for v in (images, texts)]
+    pq.write_table(pa.table({"uid": uids, "image_emb": columns[0], "text_emb": columns[1]}), path)
+
+
 def _random_embeddings(uids: pa.ChunkedArray, path: str, dim: int = 16, collapsed: slice | None = None) -> None:
     """Random unit image and text embeddings; the `collapsed` rows' images all embed as one point."""
     gen = torch.Generator().manual_seed(0)
@@ -24,8 +31,7 @@ def _random_embeddings(uids: pa.ChunkedArray, path: str, dim: int = 16, collapse
                for _ in range(2)]
     if collapsed:
         vectors[0][collapsed] = vectors[0][collapsed.start]
-    columns = [pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1)), dim) for v in vectors]
-    pq.write_table(pa.table({"uid": uids, "image_emb": columns[0], "text_emb": columns[1]}), path)
+    _write_embeddings(uids, *vectors, path)
 
 
 def _verified_on_the_first(n: int, n_pairs: int):
@@ -83,9 +89,7 @@ def _collapse_and_its_direction(tmp_path, n: int = 2000, group: int = 20) -> tup
     images[:group] = torch.nn.functional.one_hot(torch.tensor(15), 16).float()
     images[group:2 * group, 15] += 2.0
     images, texts = torch.nn.functional.normalize(images, dim=1), torch.randn(n, 16, generator=gen)
-    columns = [pa.FixedSizeListArray.from_arrays(pa.array(v.numpy().reshape(-1)), 16) for v in (images, texts)]
-    pq.write_table(pa.table({"uid": uids, "image_emb": columns[0], "text_emb": columns[1]}),
-                   tmp_path / "embeddings.parquet")
+    _write_embeddings(uids, images.numpy(), texts.numpy(), tmp_path / "embeddings.parquet")
     return str(tmp_path / "pairs"), str(tmp_path / "embeddings.parquet")
 
 
