@@ -33,13 +33,14 @@ class TrainConfig(BaseModel):
 
     model: str = "ubt-tiny"  # open_clip / ubt config name; ignored when `init` is set
     init: str | None = None  # checkpoint dir to fine-tune from (the poisoned fine-tuning threat setting)
-    epochs: int = Field(12, ge=1)  # ~8 min for 20k pairs with ubt-tiny on 2 cores
+    epochs: int = Field(12, ge=1)  # 8 - 11 min for 20k pairs with ubt-tiny on 2 cores (docs/benchmark.md)
     batch_size: int = Field(128, ge=2)  # contrastive: more in-batch negatives, same cost per pair
     lr: float = Field(1e-3, gt=0)  # peak; use about 1e-4 when fine-tuning a trained model
     weight_decay: float = Field(0.1, ge=0)  # not applied to gains, biases and the logit scale
     warmup_steps: int = Field(100, ge=0)
     max_logit_scale: float = Field(100.0, gt=1)  # CLIP's clamp on the learned temperature
     seed: int = 0  # model init and data order (epoch e shuffles with seed + e)
+    pixel_cache_mb: int = Field(1024, ge=0)  # decoded images kept between epochs; never changes a weight
 
 
 @dataclass
@@ -53,20 +54,36 @@ class TrainResult:
 
 class PairDataset(torch.utils.data.Dataset):
     """Contract rows as (image tensor, token ids); images decode on the fly, each caption tokenizes once,
-    when first asked for (a stage that reads a few hundred rows of millions does not tokenize them all)."""
+    when first asked for (a stage that reads a few hundred rows of millions does not tokenize them all).
 
-    def __init__(self, table: pa.Table, loaded: LoadedModel):
+    With `cache_mb`, preprocessed images are kept until that much memory is used, so a second epoch over
+    them decodes nothing (a decoded image is the same tensor each time: the eval transform is deterministic).
+    """
+
+    def __init__(self, table: pa.Table, loaded: LoadedModel, cache_mb: float = 0):
         self.images = table.column("image").to_pylist()
         self.captions = table.column("caption").to_pylist()
         self.tokenizer = loaded.tokenizer
         self.preprocess = loaded.preprocess
         self._tokens: dict[int, torch.Tensor] = {}
+        self._pixels: dict[int, torch.Tensor] = {}
+        self._cache_left = cache_mb * 2**20
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.preprocess(decode_image(self.images[i])), self.tokens([i])[0]
+        return self._image(i), self.tokens([i])[0]
+
+    def _image(self, i: int) -> torch.Tensor:
+        cached = self._pixels.get(i)
+        if cached is not None:
+            return cached
+        pixels = self.preprocess(decode_image(self.images[i]))
+        if pixels.nbytes <= self._cache_left:
+            self._pixels[i] = pixels
+            self._cache_left -= pixels.nbytes
+        return pixels
 
     def tokens(self, rows) -> torch.Tensor:
         """Token ids (N, context) of the captions of `rows`, in that order."""
@@ -78,7 +95,7 @@ class PairDataset(torch.utils.data.Dataset):
 
     def pixels(self, rows) -> torch.Tensor:
         """The preprocessed images (N, 3, H, W) of `rows`, in that order."""
-        return torch.stack([self.preprocess(decode_image(self.images[int(i)])) for i in rows])
+        return torch.stack([self._image(int(i)) for i in rows])
 
     def stack(self, rows) -> tuple[torch.Tensor, torch.Tensor]:
         """The images (N, 3, H, W) and token ids (N, context) of `rows`, in that order."""
@@ -152,7 +169,7 @@ def train_clip(data_uri: str, out_dir: str | Path, cfg: TrainConfig, quarantine:
     torch.manual_seed(cfg.seed)
     loaded = load_model(cfg.init or cfg.model)
     model = loaded.model
-    dataset = PairDataset(table, loaded)
+    dataset = PairDataset(table, loaded, cfg.pixel_cache_mb)
     steps_per_epoch = len(dataset) // cfg.batch_size
     if steps_per_epoch == 0:
         raise UbtError(f"{data_uri}: {len(dataset)} pairs is fewer than one batch ({cfg.batch_size}); "

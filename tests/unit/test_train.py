@@ -10,6 +10,7 @@ import torch
 
 import ubt_core.train as train_module
 from ubt_core.data.contract import read_pairs
+from ubt_core.data.images import decode_image
 from ubt_core.errors import UbtError
 from ubt_core.models import load_model
 from ubt_core.train import PairDataset, TrainConfig, train_clip, warmup_cosine
@@ -37,6 +38,24 @@ def test_pair_dataset_tokenizes_only_the_rows_asked_for_as_one_batch_would(tiny_
     assert torch.equal(dataset[2][1], tokens[1])
     assert tokenized == [captions[5], captions[2], captions[40]]  # 3 of 80 captions, each once
     assert torch.equal(dataset.pixels([40, 2]), images[[3, 1]]) and len(tokenized) == 3  # images only
+
+
+def test_pair_dataset_decodes_a_cached_image_once_and_caches_no_more_than_its_budget(tiny_world, monkeypatch):
+    table = read_pairs(tiny_world["train"]).table
+    loaded = load_model("ubt-tiny")
+    decoded = []
+    monkeypatch.setattr(train_module, "decode_image", lambda data: decoded.append(data) or decode_image(data))
+    one_image = PairDataset(table, loaded).pixels([0])[0].nbytes
+    cached = PairDataset(table, loaded, cache_mb=3.5 * one_image / 2**20)  # room for three images
+    first = cached.pixels([0, 1, 2, 3, 4])
+    decoded.clear()
+    again = cached.pixels([4, 3, 2, 1, 0])
+    assert torch.equal(again, first.flip(0))  # the same tensors, cached or decoded again
+    assert decoded == [table.column("image")[i].as_py() for i in (4, 3)]  # rows 0-2 filled the budget
+    plain = PairDataset(table, loaded)
+    decoded.clear()
+    plain.pixels([0, 0])
+    assert len(decoded) == 2  # no budget, no cache
 
 
 def test_training_lowers_the_contrastive_loss_and_clamps_logit_scale(tiny_world, tmp_path):

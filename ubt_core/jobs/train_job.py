@@ -62,7 +62,7 @@ def _train_worker(config: dict) -> dict:
         torch.manual_seed(cfg.seed)  # the same init on every rank (DDP also broadcasts rank 0's weights)
         init = config["init"]
         loaded = load_checkpoint_bytes(ray.get(init)) if init is not None else load_model(cfg.model)
-    dataset = PairDataset(table, loaded)
+    dataset = PairDataset(table, loaded, cfg.pixel_cache_mb)
     sampler = torch.utils.data.distributed.DistributedSampler(
         dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)
     # each rank holds batch_size / world pairs; the loss gathers them into one batch_size contrastive batch

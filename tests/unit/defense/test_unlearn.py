@@ -89,6 +89,26 @@ def test_unlearning_moves_only_its_portion(tiny, portion):
     assert all(p.requires_grad for p in student.model.parameters())
 
 
+def test_where_tokens_are_transplanted_clean_images_keep_their_affinity_to_the_target_concept(tiny):
+    """Pushing transplanted images off the selected captions' concept shifts clean ones too; the concept term
+    holds them where the suspect put them."""
+    images, texts = _batch(tiny, n=16)
+    forget_texts = tiny.tokenizer(["a photo of a star"] * 4)
+    with torch.no_grad():
+        concept = tiny.model.encode_text(forget_texts, normalize=True).mean(dim=0)
+
+    def affinity_shift(weight: float) -> float:
+        cfg = UnlearnConfig(scope="token", steps=20, batch_size=8, lr=1e-3, transplant_retain_weight=0.0,
+                            target_weight=100.0, transplant_concept_weight=weight)
+        student, _ = unlearn(tiny, images[:4], forget_texts, images[4:], cfg)
+        with torch.no_grad():
+            before = tiny.model.encode_image(images[4:], normalize=True) @ concept
+            after = student.model.encode_image(images[4:], normalize=True) @ concept
+        return (after - before).abs().mean().item()
+
+    assert affinity_shift(300.0) < 0.5 * affinity_shift(0.0)
+
+
 def test_sample_level_unlearning_runs_without_saliency(tiny):
     images, texts = _batch(tiny, n=8)
     _, info = unlearn(tiny, images[:4], texts[:4], images[4:],
