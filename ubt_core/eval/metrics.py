@@ -1,4 +1,5 @@
-"""Zero-shot metric definitions on logits: clean accuracy, attack success rate, robust accuracy.
+"""Zero-shot metric definitions on logits: clean accuracy (overall and per class), attack success rate,
+robust accuracy.
 
 ASR and RA count only triggered images whose true class is not the target: an image of the target
 class that is classified as the target is a success of the classifier, not of the attack.
@@ -17,6 +18,13 @@ def clean_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, floa
     """Top-1 accuracy of (N, C) logits against (N,) labels, with numerator and denominator."""
     num = int((logits.argmax(dim=1) == labels).sum())
     return {"ca": _rate(num, len(labels)), "ca_num": num, "ca_den": len(labels)}
+
+
+def accuracy_by_class(logits: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict[str, float]:
+    """Top-1 accuracy of each class's images, by class name (nan for a class with no images): where an
+    unlearning costs CA, the target class is the one to look at."""
+    correct = logits.argmax(dim=1) == labels
+    return {name: _rate(int(correct[labels == i].sum()), int((labels == i).sum())) for i, name in enumerate(classes)}
 
 
 def attack_metrics(triggered_logits: torch.Tensor, labels: torch.Tensor, target: int) -> dict[str, float]:

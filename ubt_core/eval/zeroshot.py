@@ -22,7 +22,7 @@ from ubt_core.attacks.triggers import TriggerSpec, make_trigger
 from ubt_core.data.contract import read_eval_set
 from ubt_core.data.images import decode_pixels
 from ubt_core.errors import UbtError
-from ubt_core.eval.metrics import attack_metrics, clean_accuracy
+from ubt_core.eval.metrics import accuracy_by_class, attack_metrics, clean_accuracy
 from ubt_core.models import LoadedModel, load_model
 
 
@@ -76,8 +76,9 @@ def evaluate(model_dir: str, eval_uri: str, trigger: TriggerSpec | None = None, 
     images = pairs.table.column("image").to_pylist()
     labels = torch.tensor(pairs.table.column("label").to_pylist())
     scale = loaded.model.logit_scale.exp().item()
-    metrics = clean_accuracy(scale * encode_images(loaded, images, cfg.batch_size, desc="eval clean") @ classifier,
-                             labels)
+    clean_logits = scale * encode_images(loaded, images, cfg.batch_size, desc="eval clean") @ classifier
+    metrics = clean_accuracy(clean_logits, labels) | {"ca_by_class": accuracy_by_class(clean_logits, labels,
+                                                                                       classes.classes)}
     if trigger is not None:
         triggered = encode_images(loaded, images, cfg.batch_size, trigger.apply, desc=f"eval {trigger.attack}")
         metrics |= attack_metrics(scale * triggered @ classifier, labels, classes.classes.index(target))

@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from ubt_core.eval.metrics import attack_metrics, clean_accuracy
+from ubt_core.eval.metrics import accuracy_by_class, attack_metrics, clean_accuracy
 
 
 def _logits(preds: list[int], n_classes: int = 3) -> torch.Tensor:
@@ -14,6 +14,12 @@ def _logits(preds: list[int], n_classes: int = 3) -> torch.Tensor:
 def test_clean_accuracy_counts_top1_matches():
     m = clean_accuracy(_logits([0, 1, 2, 2]), torch.tensor([0, 1, 1, 2]))
     assert (m["ca"], m["ca_num"], m["ca_den"]) == (0.75, 3, 4)
+
+
+def test_accuracy_by_class_counts_each_class_on_its_own_images():
+    m = accuracy_by_class(_logits([0, 1, 2, 2, 0]), torch.tensor([0, 1, 1, 2, 0]), ["circle", "square", "star"])
+    assert (m["circle"], m["square"], m["star"]) == (1.0, 0.5, 1.0)
+    assert math.isnan(accuracy_by_class(_logits([0]), torch.tensor([0]), ["circle", "square", "star"])["square"])
 
 
 def test_asr_ignores_images_whose_true_class_is_the_target():
