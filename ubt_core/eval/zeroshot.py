@@ -77,8 +77,8 @@ def evaluate(model_dir: str, eval_uri: str, trigger: TriggerSpec | None = None, 
     labels = torch.tensor(pairs.table.column("label").to_pylist())
     scale = loaded.model.logit_scale.exp().item()
     clean_logits = scale * encode_images(loaded, images, cfg.batch_size, desc="eval clean") @ classifier
-    metrics = clean_accuracy(clean_logits, labels) | {"ca_by_class": accuracy_by_class(clean_logits, labels,
-                                                                                       classes.classes)}
+    metrics = clean_accuracy(clean_logits, labels)
+    metrics["ca_by_class"] = accuracy_by_class(clean_logits, labels, classes.classes)
     if trigger is not None:
         triggered = encode_images(loaded, images, cfg.batch_size, trigger.apply, desc=f"eval {trigger.attack}")
         metrics |= attack_metrics(scale * triggered @ classifier, labels, classes.classes.index(target))
