@@ -142,9 +142,9 @@ def _regroup(columns: dict[str, np.ndarray], suspect: PairEmbeddings, select: Se
     Only the pairs above the evidence threshold are unlearned: a direction fitted to a group also ranks the
     content nearest to it above select's lower threshold (on the benchmark's warp, rings and crescents).
     """
-    scan = columns["suspicion"]
-    scores = regroup(suspect.images, suspect.texts, np.flatnonzero(scan > select.select_threshold), cfg)
-    collapsed = int((scan[np.argsort(-scores, kind="stable")[:cfg.group_size]] > select.select_threshold).sum())
+    dense = columns["suspicion"] > select.select_threshold
+    scores = regroup(suspect.images, suspect.texts, np.flatnonzero(dense), cfg)
+    collapsed = int(dense[np.argsort(-scores, kind="stable")[:cfg.group_size]].sum())
     selection = select_pairs(scores, select, poisoned)
     if not selection.evidence or collapsed < select.min_group:
         return None
