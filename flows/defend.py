@@ -33,6 +33,7 @@ from ubt_core.config import (
 )
 from ubt_core.data.contract import use_s3_endpoint
 from ubt_core.defense import stages
+from ubt_core.defense.embed import Precision
 from ubt_core.defense.overfit import OverfitConfig
 from ubt_core.defense.refine import RefineConfig
 from ubt_core.defense.scan import ScanConfig
@@ -77,9 +78,10 @@ def validate(data_uri: str, data_digest: str, out: str, quarantine: str | None, 
 
 
 @task(cache_policy=CACHED, persist_result=True)
-def scan(stage: str, model_dir: str, model_digest: str, data_uri: str, data_digest: str, out_uri: str, code: str,
-         ray: RayConfig, ctx: StageContext) -> dict:
-    return _tracked(ctx, stage, lambda *_: vars(run_scan_job(ray, model_dir, data_uri, out_uri)))
+def scan(stage: str, model_dir: str, model_digest: str, data_uri: str, data_digest: str, out_uri: str,
+         precision: Precision, code: str, ray: RayConfig, ctx: StageContext) -> dict:
+    return _tracked(ctx, stage, lambda *_: vars(run_scan_job(ray, model_dir, data_uri, out_uri, precision)),
+                    {"precision": precision})
 
 
 @task(cache_policy=CACHED, persist_result=True)
@@ -173,7 +175,8 @@ def defend_flow(config_path: str | None = None, overrides: list[str] | None = No
         data_digest = train_digest if data == cfg.data.train else dataset_digest(data)
         suspect_digest = checkpoint_digest(cfg.model)
         suspect = tasks["scan"]("scan_suspect", cfg.model, suspect_digest, data, data_digest,
-                                str(work / f"embeddings-suspect-{suspect_digest}"), code, ray, ctx)
+                                str(work / f"embeddings-suspect-{suspect_digest}-{d.precision}"), d.precision, code,
+                                ray, ctx)
         seconds = {"load": checked["seconds"], "scan_suspect": suspect["seconds"]}
 
         def select_on(stage: str, amplified: str | None) -> dict:
@@ -188,7 +191,8 @@ def defend_flow(config_path: str | None = None, overrides: list[str] | None = No
                                     str(work / f"overfit-model-{config_digest(d.overfit)}"), d.overfit, code, ray, ctx)
             over_digest = checkpoint_digest(over["value"])
             amplified = tasks["scan"]("scan_overfit", over["value"], over_digest, data, data_digest,
-                                      str(work / f"embeddings-overfit-{over_digest}"), code, ray, ctx)
+                                      str(work / f"embeddings-overfit-{over_digest}-{d.precision}"), d.precision,
+                                      code, ray, ctx)
             seconds |= {"overfit": over["seconds"], "scan_overfit": amplified["seconds"]}
             selected = select_on("select" if selected is None else "select_overfit", amplified["value"]["out_uri"])
         cleaned = tasks["unlearn"](cfg.model, suspect_digest, data, data_digest, selected["value"]["digest"], str(out),

@@ -10,12 +10,14 @@ dataset's row order by uid.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
+from open_clip_train.precision import get_autocast
 
 from ubt_core.data.contract import filesystem
 from ubt_core.errors import UbtError
@@ -24,6 +26,7 @@ from ubt_core.models import LoadedModel
 
 SCANNED_COLUMNS = ("uid", "image", "caption")  # what a scan reads of each pair
 EMBEDDING_COLUMNS = ("uid", "image_emb", "text_emb")
+Precision = Literal["fp32", "amp_bf16"]  # open_clip's names: float32, or bfloat16 autocast
 
 
 @dataclass
@@ -49,11 +52,16 @@ def _matrix(column: pa.ChunkedArray | pa.Array) -> torch.Tensor:
 
 
 @torch.no_grad()
-def embed_batch(batch: pa.Table | pa.RecordBatch, loaded: LoadedModel) -> pa.Table:
-    """Contract rows (`uid`, `image`, `caption`) -> `uid`, `image_emb`, `text_emb` (eval mode, no grad)."""
+def embed_batch(batch: pa.Table | pa.RecordBatch, loaded: LoadedModel, precision: Precision = "fp32") -> pa.Table:
+    """Contract rows (`uid`, `image`, `caption`) -> `uid`, `image_emb`, `text_emb` (eval mode, no grad).
+
+    With `amp_bf16` the encoders run under bfloat16 autocast and their outputs are normalised in float32.
+    """
     loaded.model.eval()
-    images = encode_image_batch(loaded, batch.column("image").to_pylist())
-    texts = loaded.model.encode_text(loaded.tokenizer(batch.column("caption").to_pylist()), normalize=True)
+    with get_autocast(precision, next(loaded.model.parameters()).device.type)():
+        images = encode_image_batch(loaded, batch.column("image").to_pylist(), normalize=False)
+        texts = loaded.model.encode_text(loaded.tokenizer(batch.column("caption").to_pylist()))
+    images, texts = (torch.nn.functional.normalize(rows.float(), dim=-1) for rows in (images, texts))
     return pa.table({"uid": batch.column("uid"), "image_emb": _vectors(images), "text_emb": _vectors(texts)})
 
 

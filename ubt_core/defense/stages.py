@@ -35,7 +35,7 @@ from ubt_core.data.contract import (
     write_pairs,
     write_table,
 )
-from ubt_core.defense.embed import SCANNED_COLUMNS, PairEmbeddings, embed_batch, read_embeddings
+from ubt_core.defense.embed import SCANNED_COLUMNS, PairEmbeddings, Precision, embed_batch, read_embeddings
 from ubt_core.defense.overfit import OverfitConfig, overfit
 from ubt_core.defense.refine import RefineConfig, Refinement, refine, regroup
 from ubt_core.defense.saliency import token_saliency
@@ -69,7 +69,8 @@ def validate_stage(data_uri: str, out_dir: str | Path, quarantine: str | None = 
             "quarantined": dict(pairs.quarantined)}
 
 
-def scan_stage(model_dir: str, data_uri: str, out_uri: str, batch_size: int = 512) -> str:
+def scan_stage(model_dir: str, data_uri: str, out_uri: str, batch_size: int = 512,
+               precision: Precision = "fp32") -> str:
     """Embed every pair of `data_uri` under `model_dir` into an embeddings file (the in-process scan).
 
     Streams: batches are read, embedded and written one at a time, so memory does not grow with the data.
@@ -83,7 +84,7 @@ def scan_stage(model_dir: str, data_uri: str, out_uri: str, batch_size: int = 51
         for path in files:  # one open file at a time: a reader keeps its buffers until it is closed
             with in_fs.open_input_file(path) as stream:
                 for batch in pq.ParquetFile(stream).iter_batches(batch_size, columns=list(SCANNED_COLUMNS)):
-                    write(embed_batch(batch, loaded))
+                    write(embed_batch(batch, loaded, precision))
                     progress.update(batch.num_rows)
     progress.close()
     return out_uri

@@ -32,15 +32,17 @@ class EvalConfig(BaseModel):
 
 @torch.no_grad()
 def encode_image_batch(loaded: LoadedModel, images: list[bytes],
-                       transform: Callable[[np.ndarray], np.ndarray] | None = None) -> torch.Tensor:
-    """L2-normalised (N, D) embeddings of encoded images, as one batch; `transform` edits (H, W, 3) pixels first."""
+                       transform: Callable[[np.ndarray], np.ndarray] | None = None,
+                       normalize: bool = True) -> torch.Tensor:
+    """(N, D) embeddings of encoded images (L2-normalised unless `normalize` is False), as one batch;
+    `transform` edits (H, W, 3) pixels first."""
     batch = []
     for data in images:
         pixels = decode_pixels(data)
         if transform is not None:
             pixels = transform(pixels)
         batch.append(loaded.preprocess(Image.fromarray(pixels)))
-    return loaded.model.encode_image(torch.stack(batch), normalize=True)
+    return loaded.model.encode_image(torch.stack(batch), normalize=normalize)
 
 
 def encode_images(loaded: LoadedModel, images: list[bytes], batch_size: int,

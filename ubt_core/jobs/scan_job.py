@@ -20,7 +20,7 @@ import ray
 
 from ubt_core.config import RayConfig
 from ubt_core.data.contract import filesystem, list_parquet_files
-from ubt_core.defense.embed import SCANNED_COLUMNS, embed_batch
+from ubt_core.defense.embed import SCANNED_COLUMNS, Precision, embed_batch
 from ubt_core.errors import UbtError
 from ubt_core.jobs.runtime import checkpoint_bytes, ensure_ray, load_checkpoint_bytes
 from ubt_core.models import LoadedModel
@@ -42,11 +42,12 @@ class ScanSummary:
 class _EmbedActor:
     """Holds one model copy for the actor's lifetime."""
 
-    def __init__(self, checkpoint: ray.ObjectRef):
+    def __init__(self, checkpoint: ray.ObjectRef, precision: Precision):
         self.loaded: LoadedModel = load_checkpoint_bytes(ray.get(checkpoint))
+        self.precision = precision
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return embed_batch(batch, self.loaded)
+        return embed_batch(batch, self.loaded, self.precision)
 
 
 def _complete(fs: pafs.FileSystem, root: str) -> bool:
@@ -70,8 +71,10 @@ def _read_bounded(files: list[str], fs: pafs.FileSystem, object_store_mib: int) 
         context.target_max_block_size, options.resource_limits = defaults
 
 
-def run_scan_job(cfg: RayConfig, model_dir: str, data_uri: str, out_uri: str) -> ScanSummary:
-    """Embed every pair of `data_uri` under `model_dir` with Ray Data; writes the embeddings dir `out_uri`."""
+def run_scan_job(cfg: RayConfig, model_dir: str, data_uri: str, out_uri: str,
+                 precision: Precision = "fp32") -> ScanSummary:
+    """Embed every pair of `data_uri` under `model_dir` with Ray Data (`embed_batch` at `precision`); writes the
+    embeddings dir `out_uri`."""
     start = time.perf_counter()
     out_fs, out_root = filesystem(out_uri)
     if _complete(out_fs, out_root):
@@ -87,8 +90,8 @@ def run_scan_job(cfg: RayConfig, model_dir: str, data_uri: str, out_uri: str) ->
     checkpoint = ray.put(checkpoint_bytes(model_dir))
     dataset = _read_bounded(files, in_fs, cfg.scan_object_store_mib).select_columns(list(SCANNED_COLUMNS))
     embedded = dataset.map_batches(
-        _EmbedActor, fn_constructor_args=(checkpoint,), batch_size=cfg.scan_batch_size, batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=cfg.scan_actors), num_cpus=cfg.cpus_per_actor,
+        _EmbedActor, fn_constructor_args=(checkpoint, precision), batch_size=cfg.scan_batch_size,
+        batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=cfg.scan_actors), num_cpus=cfg.cpus_per_actor,
         num_gpus=1 if cfg.use_gpu else 0)
     embedded.write_parquet(out_root, filesystem=out_fs)
     rows = sum(pq.read_metadata(f, filesystem=out_fs).num_rows for f in list_parquet_files(out_uri)[1])

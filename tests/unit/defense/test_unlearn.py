@@ -98,7 +98,7 @@ def test_where_tokens_are_transplanted_clean_images_keep_their_affinity_to_the_t
         concept = tiny.model.encode_text(forget_texts, normalize=True).mean(dim=0)
 
     def affinity_shift(weight: float) -> float:
-        cfg = UnlearnConfig(scope="token", steps=20, batch_size=8, lr=1e-3, transplant_retain_weight=0.0,
+        cfg = UnlearnConfig(scope="token", steps=20, transplant_batch_size=8, lr=1e-3, transplant_retain_weight=0.0,
                             target_weight=100.0, transplant_concept_weight=weight)
         student, _ = unlearn(tiny, images[:4], forget_texts, images[4:], cfg)
         with torch.no_grad():
@@ -107,6 +107,24 @@ def test_where_tokens_are_transplanted_clean_images_keep_their_affinity_to_the_t
         return (after - before).abs().mean().item()
 
     assert affinity_shift(300.0) < 0.5 * affinity_shift(0.0)
+
+
+@pytest.mark.parametrize("scope", ["pattern", "token"])
+def test_a_transplant_is_not_pulled_onto_its_clean_original_unless_asked(tiny, scope):
+    """With every other term off, only the invariance term can move the model: the pattern's by default, the
+    transplant's when its own weight is set."""
+    images, texts = _batch(tiny, n=8)
+    base = {"scope": scope, "steps": 2, "batch_size": 4, "transplant_batch_size": 4, "retain_weight": 0,
+            "transplant_retain_weight": 0, "target_weight": 0, "transplant_concept_weight": 0}
+
+    def moved(**weights) -> bool:
+        student, _ = unlearn(tiny, images[:4], texts[:4], images[4:], UnlearnConfig(**base, **weights))
+        return any(not torch.equal(p, q) for p, q in zip(tiny.model.parameters(), student.model.parameters(),
+                                                      strict=True))
+
+    assert moved() == (scope == "pattern")
+    assert moved(transplant_invariance_weight=1.0)
+    assert not moved(invariance_weight=0.0, transplant_invariance_weight=0.0)
 
 
 def test_sample_level_unlearning_runs_without_saliency(tiny):
@@ -131,8 +149,21 @@ def test_token_unlearning_transplants_its_share_of_each_pairs_tokens(tiny):
     images, texts = _batch(tiny, n=8)
     grid = tiny.image_size // token_saliency(tiny, images[:1], texts[:1]).patch_size[0]
     _, info = unlearn(tiny, images[:4], texts[:4], images[4:],
-                      UnlearnConfig(scope="token", transplant_share=0.25, steps=1, batch_size=4))
+                      UnlearnConfig(scope="token", transplant_share=0.25, steps=1, transplant_batch_size=4))
     assert info["scope"] == "token" and info["tokens_per_pair"] == grid * grid // 4
+
+
+@pytest.mark.parametrize(("scope", "images_per_step"), [("pattern", 2 * 3), ("token", 2 * 5)])
+def test_transplanting_tokens_trains_on_its_own_batch_size(tiny, scope, images_per_step):
+    images, texts = _batch(tiny, n=8)
+    seen = []
+    hook = tiny.model.visual.register_forward_pre_hook(lambda _, args: seen.append(len(args[0])))
+    try:  # the student is a copy of the suspect, hooks included
+        unlearn(tiny, images[:4], texts[:4], images[4:],
+                UnlearnConfig(scope=scope, steps=2, batch_size=3, transplant_batch_size=5))
+    finally:
+        hook.remove()
+    assert seen[-2:] == [images_per_step] * 2  # each step embeds its triggered and its clean images together
 
 
 def test_pattern_tokens_mark_where_the_selected_images_share_a_pattern():
