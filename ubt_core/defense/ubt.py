@@ -37,9 +37,9 @@ class DefenseConfig(BaseModel):
     select: SelectConfig = SelectConfig()
     unlearn: UnlearnConfig = UnlearnConfig()
     batch_size: int = Field(512, ge=1)  # scan batch; never changes a score
-    # the scans' forward passes: bfloat16 autocast runs them 2x faster on CPUs with bf16 instructions (and on
-    # GPUs); their image embeddings stay within 2e-4 cosine of float32's (docs/benchmark.md). fp32 where the
-    # hardware has no bfloat16 (autocast is slower there)
+    # the scans' forward passes: bfloat16 autocast ran the image tower 2x faster on the benchmark's CPU (it has
+    # avx512_bf16), and image embeddings stayed within 2e-4 cosine of float32's (docs/algorithm.md, step 1).
+    # fp32 where the hardware has no bfloat16 (autocast is slower there)
     precision: Precision = "amp_bf16"
 
     def select_before_overfit(self) -> bool:

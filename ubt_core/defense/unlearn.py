@@ -54,8 +54,9 @@ class UnlearnConfig(BaseModel):
     steps: int = Field(150, ge=1)
     lr: float = Field(1e-4, gt=0)
     batch_size: int = Field(32, ge=2)  # retain images per step (each also gets a patched copy)
-    # the batch where tokens are transplanted: twice the images per step halve how far the CA of the scrambling
-    # WaNet depends on the draw ("Keeping the target class", docs/algorithm.md)
+    # the batch where tokens are transplanted: twice the images per step narrowed how far the CA of the scrambling
+    # WaNet moves with the draw from 0.6 - 0.9 points to 0.3 ("The draw, the batch and the invariance",
+    # docs/algorithm.md)
     transplant_batch_size: int = Field(64, ge=2)
     # the pull of a triggered image onto the suspect's embedding of its clean original (0: only the target term
     # below keeps it off the target)
