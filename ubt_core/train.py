@@ -20,7 +20,7 @@ from pydantic import BaseModel, Field
 from tqdm import tqdm
 
 from ubt_core.data.contract import read_pairs
-from ubt_core.data.images import decode_image
+from ubt_core.data.images import decode_pixels
 from ubt_core.errors import UbtError
 from ubt_core.losses import ClipLoss
 from ubt_core.models import LoadedModel, load_model, save_model
@@ -64,7 +64,7 @@ class PairDataset(torch.utils.data.Dataset):
         self.images = table.column("image").to_pylist()
         self.captions = table.column("caption").to_pylist()
         self.tokenizer = loaded.tokenizer
-        self.preprocess = loaded.preprocess
+        self.preprocess_pixels = loaded.preprocess_pixels
         self._tokens: dict[int, torch.Tensor] = {}
         self._pixels: dict[int, torch.Tensor] = {}
         self._cache_left = cache_mb * 2**20
@@ -73,17 +73,7 @@ class PairDataset(torch.utils.data.Dataset):
         return len(self.images)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._image(i), self.tokens([i])[0]
-
-    def _image(self, i: int) -> torch.Tensor:
-        cached = self._pixels.get(i)
-        if cached is not None:
-            return cached
-        pixels = self.preprocess(decode_image(self.images[i]))
-        if pixels.nbytes <= self._cache_left:
-            self._pixels[i] = pixels
-            self._cache_left -= pixels.nbytes
-        return pixels
+        return self.pixels([i])[0], self.tokens([i])[0]
 
     def tokens(self, rows) -> torch.Tensor:
         """Token ids (N, context) of the captions of `rows`, in that order."""
@@ -94,8 +84,17 @@ class PairDataset(torch.utils.data.Dataset):
         return torch.stack([self._tokens[i] for i in rows])
 
     def pixels(self, rows) -> torch.Tensor:
-        """The preprocessed images (N, 3, H, W) of `rows`, in that order."""
-        return torch.stack([self._image(int(i)) for i in rows])
+        """The preprocessed images (N, 3, H, W) of `rows`, in that order (those not cached decode as one batch)."""
+        rows = [int(i) for i in rows]
+        new = [i for i in dict.fromkeys(rows) if i not in self._pixels]
+        decoded = dict(zip(new, self.preprocess_pixels([decode_pixels(self.images[i]) for i in new]), strict=True)
+                       ) if new else {}
+        for i, pixels in decoded.items():
+            if pixels.nbytes > self._cache_left:
+                break
+            self._pixels[i] = pixels.clone()  # not a view: it would keep the whole batch alive
+            self._cache_left -= pixels.nbytes
+        return torch.stack([self._pixels[i] if i in self._pixels else decoded[i] for i in rows])
 
     def stack(self, rows) -> tuple[torch.Tensor, torch.Tensor]:
         """The images (N, 3, H, W) and token ids (N, context) of `rows`, in that order."""

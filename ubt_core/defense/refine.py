@@ -100,8 +100,10 @@ class MatchedFilter:
         self.rows = rows
         self.mean = rows.mean(dim=0)
         self.centred = rows - self.mean
-        eigenvalues, eigenvectors = torch.linalg.eigh(self.centred.T @ self.centred / len(rows))
-        self.inverse = (eigenvectors / (eigenvalues.clamp(min=0) + shrinkage * eigenvalues.mean())) @ eigenvectors.T
+        covariance = (self.centred.T @ self.centred / len(rows)).double()
+        ridge = shrinkage * covariance.diagonal().mean()  # a share of the mean eigenvalue (the trace / dimensions)
+        shrunk = covariance + ridge * torch.eye(len(covariance), dtype=covariance.dtype)
+        self.inverse = torch.cholesky_inverse(torch.linalg.cholesky(shrunk)).float()
 
     def converge(self, starts: list[np.ndarray], iterations: int, group_size: int) -> tuple[np.ndarray, np.ndarray]:
         """For each start, the robust z of every row's match to the pattern of the start's rows, re-estimated
@@ -110,7 +112,7 @@ class MatchedFilter:
         groups = starts
         for _ in range(max(iterations, 1)):
             scores = self.scores(torch.stack([self.rows[group].mean(dim=0) for group in groups]) - self.mean)
-            groups = np.argsort(-scores, axis=1, kind="stable")[:, :group_size]
+            groups = np.argpartition(-scores, min(group_size, scores.shape[1]) - 1, axis=1)[:, :group_size]
         return scores, groups
 
     def scores(self, patterns: torch.Tensor) -> np.ndarray:

@@ -13,7 +13,6 @@ from collections.abc import Callable
 import numpy as np
 import torch
 from open_clip import build_zero_shot_classifier
-from PIL import Image
 from pydantic import BaseModel, Field
 from tqdm import tqdm
 
@@ -36,13 +35,10 @@ def encode_image_batch(loaded: LoadedModel, images: list[bytes],
                        normalize: bool = True) -> torch.Tensor:
     """(N, D) embeddings of encoded images (L2-normalised unless `normalize` is False), as one batch;
     `transform` edits (H, W, 3) pixels first."""
-    batch = []
-    for data in images:
-        pixels = decode_pixels(data)
-        if transform is not None:
-            pixels = transform(pixels)
-        batch.append(loaded.preprocess(Image.fromarray(pixels)))
-    return loaded.model.encode_image(torch.stack(batch), normalize=normalize)
+    pixels = [decode_pixels(data) for data in images]
+    if transform is not None:
+        pixels = [transform(image) for image in pixels]
+    return loaded.model.encode_image(loaded.preprocess_pixels(pixels), normalize=normalize)
 
 
 def encode_images(loaded: LoadedModel, images: list[bytes], batch_size: int,

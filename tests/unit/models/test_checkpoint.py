@@ -2,9 +2,11 @@
 
 import json
 
+import numpy as np
 import open_clip
 import pytest
 import torch
+from PIL import Image
 
 from ubt_core.errors import UbtError
 from ubt_core.models import create_model, load_model, save_model
@@ -55,3 +57,11 @@ def test_checkpoint_without_weights_is_refused_not_randomly_initialised(tmp_path
     (tmp_path / "ckpt" / "open_clip_model.safetensors").unlink()
     with pytest.raises(UbtError, match="no weights file"):
         load_model(tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize("shape", [(32, 32), (40, 28)])  # the model's size (one batch), another (image by image)
+def test_preprocess_pixels_is_the_eval_transform_image_by_image(shape):
+    loaded = create_model("ubt-tiny")
+    pixels = list(np.random.default_rng(0).integers(0, 256, (3, *shape, 3), dtype=np.uint8))
+    expected = torch.stack([loaded.preprocess(Image.fromarray(image)) for image in pixels])
+    assert torch.equal(loaded.preprocess_pixels(pixels), expected)

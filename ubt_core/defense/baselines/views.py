@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pyarrow as pa
 import torch
 from torchvision.transforms import AutoAugment
@@ -41,13 +42,14 @@ class PairViews(PairDataset):
 
     def __init__(self, table: pa.Table, loaded: LoadedModel, seed: int):
         super().__init__(table, loaded)
+        self.preprocess = loaded.preprocess
         self.auto_augment = AutoAugment()  # draws from torch's global generator: seed it with torch.manual_seed
         self.rng = random.Random(seed)
 
     def views(self, rows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Originals and augmented views of `rows`: images (N, 3, H, W) twice, token ids (N, context) twice."""
         decoded = [decode_image(self.images[int(i)]) for i in rows]
-        images = torch.stack([self.preprocess(image) for image in decoded])
+        images = self.preprocess_pixels([np.asarray(image) for image in decoded])
         augmented = torch.stack([self.preprocess(self.auto_augment(image)) for image in decoded])
         captions = self.tokenizer([eda(self.captions[int(i)], self.rng) for i in rows])
         return images, augmented, self.tokens(rows), captions
