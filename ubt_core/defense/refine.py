@@ -29,8 +29,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from sklearn.cluster import KMeans
 
+from ubt_core.defense.embed import PairEmbeddings
 from ubt_core.defense.saliency import patch_size
-from ubt_core.defense.scan import robust_z
+from ubt_core.defense.scan import nearest_rows, robust_z
 from ubt_core.defense.unlearn import shared_pattern
 from ubt_core.models import LoadedModel
 from ubt_core.train import PairDataset
@@ -58,6 +59,13 @@ class RefineConfig(BaseModel):
     # dense pairs that no shared pattern explains are regrouped by their direction in the image embeddings ...
     regroup_collapse: bool = True
     regroup_contrast: int = Field(2000, ge=1)  # ... against the images of this many pairs captioned most alike
+    # where nothing else is found, each caption concept is regrouped in every model's image embeddings; a group
+    # whose images keep to themselves is evidence: at least `min_closure` of the `closure_neighbours` nearest images
+    # of its members are members. Content groups of the benchmark's models reach 0.58 - 0.82, its warps' 0.90 - 1.0
+    # ("A closed group", docs/algorithm.md)
+    closed_group: bool = True
+    closure_neighbours: int = Field(100, ge=1)
+    min_closure: float = Field(0.85, gt=0, le=1)
     seed: int = 0  # the caption clusters and the check images
 
 
@@ -92,6 +100,12 @@ def pooled_pixels(dataset: PairDataset, side: int, batch_size: int = 512) -> tor
     return torch.cat(rows)
 
 
+def top_rows(values: np.ndarray, n: int) -> np.ndarray:
+    """Indices of the `n` largest values along the last axis, in no particular order (a partition, not a sort)."""
+    n = min(n, values.shape[-1])
+    return np.argpartition(-values, n - 1, axis=-1)[..., :n]
+
+
 class MatchedFilter:
     """The whitened matched filter over one vector per row (pooled pixels, or image embeddings); the covariance
     is inverted once for every start."""
@@ -112,7 +126,7 @@ class MatchedFilter:
         groups = starts
         for _ in range(max(iterations, 1)):
             scores = self.scores(torch.stack([self.rows[group].mean(dim=0) for group in groups]) - self.mean)
-            groups = np.argpartition(-scores, min(group_size, scores.shape[1]) - 1, axis=1)[:, :group_size]
+            groups = top_rows(scores, group_size)
         return scores, groups
 
     def scores(self, patterns: torch.Tensor) -> np.ndarray:
@@ -121,9 +135,9 @@ class MatchedFilter:
 
 
 def regroup(images: torch.Tensor, texts: torch.Tensor, dense: np.ndarray, cfg: RefineConfig) -> np.ndarray:
-    """Robust z of every pair's match to what a group of dense images shares beyond their captions, in the
-    suspect's embeddings (`images`, `texts`): the matched filter over embeddings instead of pixels, started
-    from the `dense` rows (those the scan saw collapsed).
+    """Robust z of every pair's match to what a group of dense images shares beyond their captions, in a
+    model's embeddings (`images`, `texts`): the matched filter over embeddings instead of pixels, started
+    from the `dense` rows (those the scan saw collapsed, or a caption concept's).
 
     A trigger with no shared pixel pattern (a warp) still moves every triggered image the same way in the
     model's embedding space. The density score sees only the most collapsed of them. The pattern is the
@@ -138,10 +152,45 @@ def regroup(images: torch.Tensor, texts: torch.Tensor, dense: np.ndarray, cfg: R
     group = dense
     for _ in range(max(cfg.iterations, 1)):
         concept = torch.nn.functional.normalize(texts[group].mean(dim=0), dim=0)
-        alike = np.setdiff1d(np.argsort(-(texts @ concept).numpy(), kind="stable")[:cfg.regroup_contrast], group)
+        alike = np.setdiff1d(top_rows((texts @ concept).numpy(), cfg.regroup_contrast), group)
         (scores,) = matched_filter.scores((images[group].mean(dim=0) - images[alike].mean(dim=0))[None])
-        group = np.argsort(-scores, kind="stable")[:cfg.group_size]
+        group = top_rows(scores, cfg.group_size)
     return scores
+
+
+def neighbourhood_share(neighbours: np.ndarray, group: np.ndarray) -> np.ndarray:
+    """Per row, the share of its nearest neighbours (`neighbours`: rows x k row indices) that are in `group`."""
+    member = np.zeros(len(neighbours), bool)
+    member[group] = True
+    return member[neighbours].mean(axis=1)
+
+
+@dataclass
+class ClosedGroup:
+    scores: np.ndarray  # robust z of every pair's match to the group's direction (`regroup`)
+    closure: float  # mean share of the group's (top `group_size` pairs') nearest images that are among them
+    members: int  # pairs most of whose nearest images are in the group: the closed region's size
+    start: str  # the caption concept it was regrouped from ("concept i")
+
+
+def closed_group(embeddings: PairEmbeddings, cfg: RefineConfig) -> ClosedGroup | None:
+    """The caption concept whose regrouped pairs keep most to themselves in `embeddings`' image space.
+
+    A trigger moves the images that carry it, whatever they show, towards one place: even where they do not
+    collapse (a warp, weakly learned), they end up each other's nearest neighbours, while a content group shares
+    its neighbourhood with the content around it (red crosses with orange crosses and red hearts). Every poisoned
+    caption names the target, so one caption concept holds the poisoned pairs; regrouped from it (`regroup`,
+    against the pairs captioned alike), its top `group_size` pairs are the trigger's. None without concepts.
+    """
+    near = nearest_rows(embeddings.images, cfg.closure_neighbours)
+    best = None
+    for i, rows in enumerate(concept_groups(embeddings.texts, cfg.concepts, cfg.seed)):
+        scores = regroup(embeddings.images, embeddings.texts, rows, cfg)
+        group = top_rows(scores, cfg.group_size)
+        share = neighbourhood_share(near, group)
+        if best is None or share[group].mean() > best.closure:
+            best = ClosedGroup(scores, float(share[group].mean()), int((share > 0.5).sum()), f"concept {i}")
+    return best
 
 
 def largest_gap(scores: np.ndarray, ranks: tuple[int, int]) -> tuple[float, int]:

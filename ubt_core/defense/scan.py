@@ -31,17 +31,25 @@ class ScanConfig(BaseModel):
     seed: int = 0
 
 
-def knn_density(embeddings: torch.Tensor, neighbours: int, reference: torch.Tensor, chunk: int = 2048) -> np.ndarray:
+def _nearest_chunks(embeddings: torch.Tensor, reference: torch.Tensor, k: int, chunk: int = 2048):
+    """Per chunk of embeddings: cosines and row indices of its `k` nearest rows of `reference`, nearest first."""
+    for start in range(0, len(embeddings), chunk):
+        yield (embeddings[start:start + chunk] @ reference.T).topk(min(k, len(reference)), dim=1)
+
+
+def nearest_rows(embeddings: torch.Tensor, k: int) -> np.ndarray:
+    """(N, k) rows of each embedding's `k` nearest other embeddings (the nearest row is skipped as the embedding
+    itself, or its duplicate)."""
+    return torch.cat([chunk.indices[:, 1:] for chunk in _nearest_chunks(embeddings, embeddings, k + 1)]).numpy()
+
+
+def knn_density(embeddings: torch.Tensor, neighbours: int, reference: torch.Tensor) -> np.ndarray:
     """-log(1 - cosine) from each embedding to its `neighbours`-th nearest row of `reference`.
 
     The nearest reference row is skipped as the embedding itself (or its duplicate).
     """
-    k = min(neighbours + 1, len(reference))
-    out = []
-    for start in range(0, len(embeddings), chunk):
-        kth = (embeddings[start:start + chunk] @ reference.T).topk(k, dim=1).values[:, -1]
-        out.append(-torch.log1p(-kth.clamp(max=1 - 1e-6)))
-    return torch.cat(out).numpy()
+    kth = torch.cat([chunk.values[:, -1] for chunk in _nearest_chunks(embeddings, reference, neighbours + 1)])
+    return (-torch.log1p(-kth.clamp(max=1 - 1e-6))).numpy()
 
 
 def robust_z(values: np.ndarray) -> np.ndarray:

@@ -37,7 +37,7 @@ from ubt_core.data.contract import (
 )
 from ubt_core.defense.embed import SCANNED_COLUMNS, PairEmbeddings, Precision, embed_batch, read_embeddings
 from ubt_core.defense.overfit import OverfitConfig, overfit
-from ubt_core.defense.refine import RefineConfig, Refinement, refine, regroup
+from ubt_core.defense.refine import RefineConfig, Refinement, closed_group, refine, regroup
 from ubt_core.defense.saliency import token_saliency
 from ubt_core.defense.scan import ScanConfig, scan_scores
 from ubt_core.defense.select import SelectConfig, Selection, select_pairs
@@ -153,6 +153,28 @@ def _regroup(columns: dict[str, np.ndarray], suspect: PairEmbeddings, select: Se
     return select_pairs(scores, select.model_copy(update={"k": selection.n_anomalous}), poisoned), collapsed
 
 
+def _closed_group(columns: dict[str, np.ndarray], models: dict[str, PairEmbeddings], select: SelectConfig,
+                  cfg: RefineConfig, poisoned: np.ndarray | None) -> tuple[Selection | None, dict]:
+    """The caption concept whose regrouped pairs keep most to themselves in any model's image embeddings
+    (`closed_group`); with a closure of at least `min_closure` and select's evidence on its scores, those become
+    the `closed` column and the suspicion, and the pairs most of whose nearest images are in the group are
+    unlearned (as many as there are, most suspicious first). Returns the selection (None: columns untouched) and
+    what the report shows."""
+    found = {name: closed_group(embeddings, cfg) for name, embeddings in models.items()}
+    name, best = max(((name, group) for name, group in found.items() if group is not None),
+                     key=lambda item: item[1].closure, default=(None, None))
+    if best is None:
+        return None, {}
+    summary = {"closure": round(best.closure, 3), "members": best.members, "start": best.start, "model": name,
+               **({"poisoned_in_group": int(poisoned[np.argsort(-best.scores, kind="stable")[:cfg.group_size]].sum())}
+                  if poisoned is not None else {})}
+    selection = select_pairs(best.scores, select, poisoned)
+    if best.closure < cfg.min_closure or not selection.evidence:
+        return None, summary
+    columns["closed"] = columns["suspicion"] = best.scores
+    return select_pairs(best.scores, select.model_copy(update={"k": best.members}), poisoned), summary
+
+
 def select_stage(data_uri: str, suspect_embeddings: str, overfit_embeddings: str | None, out_dir: str | Path,
                  scan: ScanConfig, select: SelectConfig, model_dir: str, refine_cfg: RefineConfig) -> dict:
     """Score every pair, choose the unlearning and retain sets; writes suspicious.parquet and selection.json.
@@ -161,7 +183,8 @@ def select_stage(data_uri: str, suspect_embeddings: str, overfit_embeddings: str
     trigger on the suspect (`model_dir`). A verified pattern is the evidence, and it overrides a collapsed
     group: the pairs above its drop carry the trigger, where a collapse may hold only part of them. Dense pairs
     that no pattern explains are regrouped in the suspect's image embeddings (`_regroup`); a regrouped group
-    that stays collapsed is evidence even where too few pairs passed select's own rule.
+    that stays collapsed is evidence even where too few pairs passed select's own rule. Where none of these is
+    found, a caption concept regrouped into a group whose images keep to themselves is (`_closed_group`).
     """
     out = Path(out_dir)
     table = read_checked_pairs(data_uri)  # validate_stage checked every row
@@ -185,6 +208,11 @@ def select_stage(data_uri: str, suspect_embeddings: str, overfit_embeddings: str
             if regrouped is not None:
                 selection, refined["regrouped_collapsed"] = regrouped
                 kind = "collapse"
+        if kind is None and refine_cfg.closed_group:  # nothing found: a group whose images keep to themselves
+            models = {"suspect": suspect} | ({"overfit": amplified} if amplified is not None else {})
+            closed, refined["closed_group"] = _closed_group(columns, models, select, refine_cfg, poisoned)
+            if closed is not None:
+                selection, kind = closed, "closed group"
     rank = np.empty(len(uids), np.int64)
     rank[np.argsort(-columns["suspicion"], kind="stable")] = np.arange(1, len(uids) + 1)
     flags = {name: np.zeros(len(uids), bool) for name in ("selected", "retained")}
@@ -258,6 +286,12 @@ def _verdict(selection: dict) -> str:
         return (f"backdoor evidence: the most collapsed images share a direction in the image embeddings, and "
                 f"{refined['regrouped_collapsed']} of the {refined['group_size']} pairs furthest along it collapse "
                 f"too (no pixel pattern explains them); {k} pairs along it unlearned")
+    if evidence and selection.get("evidence_kind") == "closed group":
+        closed = refined["closed_group"]
+        return (f"backdoor evidence: pairs captioned alike whose images keep to themselves: {closed['closure']:.0%} of "
+                f"the nearest images of the {refined['group_size']} pairs furthest along their direction are among "
+                f"them ({closed['model']} model; no pixel pattern or collapse explains them); {k} pairs along it "
+                f"unlearned")
     if evidence:
         return f"backdoor evidence: a group of pairs whose images collapse onto one point; {k} pairs unlearned"
     found = "no strong backdoor evidence: no anomalous group of pairs"

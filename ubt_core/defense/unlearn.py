@@ -37,8 +37,9 @@ class UnlearnConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a misspelt setting is an error, not a silent default
 
     # pattern: put on the selected pairs' common pattern on the tokens where it is significant; token: transplant
-    # each selected pair's salient patch tokens; auto: the pattern, unless the pairs collapse and refine found
-    # no pattern they share (a warp): then tokens ("Unlearning a warp", docs/algorithm.md); full: gradient ascent
+    # each selected pair's salient patch tokens; auto: the pattern, unless the pairs collapse (or form a closed
+    # group) and refine found no pattern they share (a warp): then tokens ("Unlearning a warp", docs/algorithm.md);
+    # full: gradient ascent
     scope: Literal["auto", "pattern", "token", "full"] = "auto"
     portion: Portion = "visual"  # which parameters may change (ablation in docs/algorithm.md)
     # share of each selected image's patch tokens transplanted, most salient first: a scrambled image's
@@ -170,10 +171,11 @@ def shared_pattern(forget: torch.Tensor, retain: torch.Tensor, patch_size: tuple
 
 def resolved_scope(scope: str, selection: dict) -> str:
     """The unlearning scope for a selection (select's summary): `auto` is the shared pattern, unless the pairs
-    were selected by their collapse after refine found no pattern they share; then each pair's tokens."""
+    were selected by their collapse or as a closed group after refine found no pattern they share; then each
+    pair's tokens."""
     if scope != "auto":
         return scope
-    unexplained = selection.get("evidence_kind") == "collapse" and selection.get("refine") is not None
+    unexplained = selection.get("evidence_kind") in ("collapse", "closed group") and selection.get("refine")
     return "token" if unexplained else "pattern"
 
 

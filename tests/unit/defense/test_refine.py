@@ -6,7 +6,16 @@ import pytest
 import torch
 
 from ubt_core.defense import refine as refine_module
-from ubt_core.defense.refine import MatchedFilter, RefineConfig, TriggerCheck, concept_groups, largest_gap
+from ubt_core.defense.embed import PairEmbeddings
+from ubt_core.defense.refine import (
+    MatchedFilter,
+    RefineConfig,
+    TriggerCheck,
+    closed_group,
+    concept_groups,
+    largest_gap,
+    top_rows,
+)
 from ubt_core.models import LoadedModel
 
 
@@ -211,3 +220,24 @@ def test_a_pattern_that_leaves_the_match_rate_where_it_was_is_not_evidence(stubb
     found = refine_module.refine(None, _Rows(len(poisoned)), _top_with_a_fifth_poisoned(poisoned, 60), texts,
                                  np.flatnonzero(~poisoned), RefineConfig(group_size=60, concepts=4, check_size=100))
     assert _CountingCheck.checked and not any(r.evidence for r in found)
+
+
+def _concepts_and_a_closed_region(closed: bool, n=3000, n_closed=100) -> PairEmbeddings:
+    """Captions in 20 concepts, images spread over 16 dimensions; the first `n_closed` pairs are captioned as
+    concept 0, and with `closed` their images sit together in a region of their own (a trigger's)."""
+    gen = torch.Generator().manual_seed(0)
+    concept = torch.randint(20, (n,), generator=gen)
+    concept[:n_closed] = 0
+    texts = 3 * torch.randn(20, 16, generator=gen)[concept] + torch.randn(n, 16, generator=gen)
+    images = torch.randn(n, 16, generator=gen)
+    if closed:
+        images[:n_closed] = 0.3 * images[:n_closed] + 3 * torch.nn.functional.one_hot(torch.tensor(0), 16)
+    return PairEmbeddings(*(torch.nn.functional.normalize(rows, dim=1) for rows in (images, texts)))
+
+
+def test_a_concept_whose_images_keep_to_themselves_is_the_closed_group():
+    cfg = RefineConfig(group_size=100, concepts=20, closure_neighbours=20)
+    found = closed_group(_concepts_and_a_closed_region(closed=True), cfg)
+    assert found.closure >= 0.9 and 90 <= found.members < 200  # the region and a few images at its edge
+    assert (top_rows(found.scores, 100) < 100).mean() >= 0.9
+    assert closed_group(_concepts_and_a_closed_region(closed=False), cfg).closure < 0.5

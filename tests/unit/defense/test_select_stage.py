@@ -13,7 +13,7 @@ import torch
 
 from ubt_core.data.contract import read_checked_pairs
 from ubt_core.defense import stages
-from ubt_core.defense.refine import RefineConfig
+from ubt_core.defense.refine import ClosedGroup, RefineConfig
 from ubt_core.defense.scan import ScanConfig
 from ubt_core.defense.select import SelectConfig
 
@@ -148,3 +148,29 @@ def test_a_regrouped_group_that_does_not_collapse_is_no_evidence(tmp_path, monke
                                   "unused", RefineConfig(group_size=40))
     assert not summary["backdoor_evidence"] and summary["k"] == 0 and summary["refine"]["regrouped"] is False
     assert "regrouped" not in pq.read_table(tmp_path / stages.SUSPICIOUS_FILE).column_names
+
+
+def test_a_closed_group_is_evidence_where_nothing_else_is(tiny_world, tmp_path, monkeypatch):
+    """No pattern, no collapse: a caption concept regrouped into a group whose images keep to themselves (closure
+    over `min_closure`) is the evidence, and its members are unlearned; a less closed one is not."""
+    uids = read_checked_pairs(tiny_world["train"]).column("uid")
+    embeddings = str(tmp_path / "embeddings.parquet")
+    _random_embeddings(uids, embeddings)
+    monkeypatch.setattr(stages, "_refine", _unverified)
+    scores = np.r_[np.full(30, 9.0), np.random.default_rng(0).normal(scale=0.5, size=len(uids) - 30)]
+
+    def selected(closure: float, refine_cfg: RefineConfig = RefineConfig()) -> tuple[dict, pd.DataFrame]:
+        monkeypatch.setattr(stages, "closed_group", lambda embeddings, cfg: ClosedGroup(scores, closure, 25, "c0"))
+        summary = stages.select_stage(tiny_world["train"], embeddings, None, tmp_path, ScanConfig(neighbours=5),
+                                      SelectConfig(min_group=10, retain_size=20), "unused", refine_cfg)
+        return summary, pq.read_table(tmp_path / stages.SUSPICIOUS_FILE).to_pandas()
+
+    summary, suspicious = selected(0.9)
+    assert summary["evidence_kind"] == "closed group" and summary["k"] == 25
+    assert summary["refine"]["closed_group"] == {"closure": 0.9, "members": 25, "start": "c0", "model": "suspect"}
+    assert set(suspicious[suspicious.selected].uid) <= set(uids.to_pylist()[:30])
+    assert (suspicious.closed == suspicious.suspicion).all()
+    summary, suspicious = selected(0.8)
+    assert not summary["backdoor_evidence"] and summary["k"] == 0 and "closed" not in suspicious.columns
+    summary, _ = selected(0.9, RefineConfig(closed_group=False))
+    assert summary["k"] == 0 and "closed_group" not in summary["refine"]
