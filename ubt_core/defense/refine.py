@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+from scipy.linalg.blas import ssyrk
 from sklearn.cluster import KMeans
 
 from ubt_core.defense.embed import PairEmbeddings
@@ -61,11 +62,14 @@ class RefineConfig(BaseModel):
     regroup_contrast: int = Field(2000, ge=1)  # ... against the images of this many pairs captioned most alike
     # where nothing else is found, each caption concept is regrouped in every model's image embeddings; a group
     # whose images keep to themselves is evidence: at least `min_closure` of the `closure_neighbours` nearest images
-    # of its members are members. The most closed content group of each benchmark model reached 0.68 - 0.82, the
-    # warps' groups found this way 0.92 - 0.93 ("A closed group", docs/algorithm.md)
+    # of its members are members, and at least `min_closure_gap` more than of any other concept's group (one that
+    # shares under half its pairs). The warps' groups found this way reached 0.92 - 0.96, 0.11 - 0.23 above the
+    # next; a held-out model's over-fitted copy had a content group at 0.88, 0.05 above the next ("A closed
+    # group", docs/algorithm.md)
     closed_group: bool = True
     closure_neighbours: int = Field(100, ge=1)
     min_closure: float = Field(0.85, gt=0, le=1)
+    min_closure_gap: float = Field(0.08, ge=0, le=1)
     seed: int = 0  # the caption clusters and the check images
 
 
@@ -114,7 +118,8 @@ class MatchedFilter:
         self.rows = rows
         self.mean = rows.mean(dim=0)
         self.centred = rows - self.mean
-        covariance = (self.centred.T @ self.centred / len(rows)).double()
+        # only the lower triangle, in half the products of a full matrix product; Cholesky reads nothing else
+        covariance = torch.from_numpy(ssyrk(1 / len(rows), self.centred.numpy().T, lower=1)).double()
         ridge = shrinkage * covariance.diagonal().mean()  # a share of the mean eigenvalue (the trace / dimensions)
         shrunk = covariance + ridge * torch.eye(len(covariance), dtype=covariance.dtype)
         self.inverse = torch.cholesky_inverse(torch.linalg.cholesky(shrunk)).float()
@@ -171,6 +176,11 @@ class ClosedGroup:
     closure: float  # mean share of the group's (top `group_size` pairs') nearest images that are among them
     members: int  # pairs most of whose nearest images are in the group: the closed region's size
     start: str  # the caption concept it was regrouped from ("concept i")
+    next_closure: float  # the closure of the most closed other group (sharing under half its pairs); 0 if none
+
+    def is_evidence(self, cfg: RefineConfig) -> bool:
+        """Closed enough, and standing apart from every other concept's group by enough."""
+        return self.closure >= cfg.min_closure and self.closure - self.next_closure >= cfg.min_closure_gap
 
 
 def closed_group(embeddings: PairEmbeddings, cfg: RefineConfig) -> ClosedGroup | None:
@@ -180,17 +190,21 @@ def closed_group(embeddings: PairEmbeddings, cfg: RefineConfig) -> ClosedGroup |
     collapse (a warp, weakly learned), they end up each other's nearest neighbours, while a content group shares
     its neighbourhood with the content around it (red crosses with orange crosses and red hearts). Every poisoned
     caption names the target, so one caption concept holds the poisoned pairs; regrouped from it (`regroup`,
-    against the pairs captioned alike), its top `group_size` pairs are the trigger's. None without concepts.
+    against the pairs captioned alike), its top `group_size` pairs are the trigger's. Some content keeps to itself
+    too, so the group's closure is also compared with that of the most closed other group. None without concepts.
     """
     near = nearest_rows(embeddings.images, cfg.closure_neighbours)
-    best = None
+    found = []  # (closure, group, scores, concept)
     for i, rows in enumerate(concept_groups(embeddings.texts, cfg.concepts, cfg.seed)):
         scores = regroup(embeddings.images, embeddings.texts, rows, cfg)
         group = top_rows(scores, cfg.group_size)
-        share = neighbourhood_share(near, group)
-        if best is None or share[group].mean() > best.closure:
-            best = ClosedGroup(scores, float(share[group].mean()), int((share > 0.5).sum()), f"concept {i}")
-    return best
+        found.append((float(neighbourhood_share(near, group)[group].mean()), group, scores, i))
+    if not found:
+        return None
+    closure, group, scores, concept = max(found, key=lambda item: item[0])
+    apart = [other for other, rows, _, _ in found if len(np.intersect1d(rows, group)) < len(group) / 2]
+    share = neighbourhood_share(near, group)
+    return ClosedGroup(scores, closure, int((share > 0.5).sum()), f"concept {concept}", max(apart, default=0.0))
 
 
 def largest_gap(scores: np.ndarray, ranks: tuple[int, int]) -> tuple[float, int]:

@@ -156,20 +156,21 @@ def _regroup(columns: dict[str, np.ndarray], suspect: PairEmbeddings, select: Se
 def _closed_group(columns: dict[str, np.ndarray], models: dict[str, PairEmbeddings], select: SelectConfig,
                   cfg: RefineConfig, poisoned: np.ndarray | None) -> tuple[Selection | None, dict]:
     """The caption concept whose regrouped pairs keep most to themselves in any model's image embeddings
-    (`closed_group`); with a closure of at least `min_closure` and select's evidence on its scores, those become
-    the `closed` column and the suspicion, and the pairs most of whose nearest images are in the group are
-    unlearned (as many as there are, most suspicious first). Returns the selection (None: columns untouched) and
-    what the report shows."""
+    (`closed_group`); where it is closed enough and stands apart from the other concepts' groups
+    (`ClosedGroup.is_evidence`), and select's evidence holds on its scores, those become the `closed` column and the
+    suspicion, and the pairs most of whose nearest images are in the group are unlearned (as many as there are, most
+    suspicious first). Returns the selection (None: columns untouched) and what the report shows."""
     found = {name: closed_group(embeddings, cfg) for name, embeddings in models.items()}
-    name, best = max(((name, group) for name, group in found.items() if group is not None),
-                     key=lambda item: item[1].closure, default=(None, None))
+    name, best = max(((name, group) for name, group in found.items() if group is not None),  # evidence first
+                     key=lambda item: (item[1].is_evidence(cfg), item[1].closure), default=(None, None))
     if best is None:
         return None, {}
-    summary = {"closure": round(best.closure, 3), "members": best.members, "start": best.start, "model": name,
+    summary = {"closure": round(best.closure, 3), "next_closure": round(best.next_closure, 3),
+               "members": best.members, "start": best.start, "model": name,
                **({"poisoned_in_group": int(poisoned[np.argsort(-best.scores, kind="stable")[:cfg.group_size]].sum())}
                   if poisoned is not None else {})}
     selection = select_pairs(best.scores, select, poisoned)
-    if best.closure < cfg.min_closure or not selection.evidence:
+    if not best.is_evidence(cfg) or not selection.evidence:
         return None, summary
     columns["closed"] = columns["suspicion"] = best.scores
     return select_pairs(best.scores, select.model_copy(update={"k": best.members}), poisoned), summary
@@ -181,10 +182,11 @@ def select_stage(data_uri: str, suspect_embeddings: str, overfit_embeddings: str
 
     The shared pixel pattern of the top pairs (and of each caption concept) is refined and checked as a
     trigger on the suspect (`model_dir`). A verified pattern is the evidence, and it overrides a collapsed
-    group: the pairs above its drop carry the trigger, where a collapse may hold only part of them. Dense pairs
-    that no pattern explains are regrouped in the suspect's image embeddings (`_regroup`); a regrouped group
-    that stays collapsed is evidence even where too few pairs passed select's own rule. Where none of these is
-    found, a caption concept regrouped into a group whose images keep to themselves is (`_closed_group`).
+    group: the pairs above its drop carry the trigger, where a collapse may hold only part of them. Without a
+    pattern, a caption concept regrouped into a group whose images keep to themselves is (`_closed_group`). Failing
+    that, dense pairs are regrouped in the suspect's image embeddings (`_regroup`); a regrouped group that stays
+    collapsed is evidence even where too few pairs passed select's own rule. The closed group comes first: on a
+    held-out model the regroup's test passed a content group that the closed group's rejects.
     """
     out = Path(out_dir)
     table = read_checked_pairs(data_uri)  # validate_stage checked every row
@@ -202,17 +204,19 @@ def select_stage(data_uri: str, suspect_embeddings: str, overfit_embeddings: str
         elif refined["verified"]:
             selection = select_pairs(columns["suspicion"], select, poisoned)
             kind = "shared pattern" if selection.evidence else None
-        elif refine_cfg.regroup_collapse and selection.n_anomalous:  # dense pairs that no pixel pattern explains
-            regrouped = _regroup(columns, suspect, select, refine_cfg, poisoned)
-            refined["regrouped"] = regrouped is not None
-            if regrouped is not None:
-                selection, refined["regrouped_collapsed"] = regrouped
-                kind = "collapse"
-        if kind is None and refine_cfg.closed_group:  # nothing found: a group whose images keep to themselves
-            models = {"suspect": suspect} | ({"overfit": amplified} if amplified is not None else {})
-            closed, refined["closed_group"] = _closed_group(columns, models, select, refine_cfg, poisoned)
+        else:
+            closed = None
+            if refine_cfg.closed_group:  # no pattern: a group whose images keep to themselves, the stricter test
+                models = {"suspect": suspect} | ({"overfit": amplified} if amplified is not None else {})
+                closed, refined["closed_group"] = _closed_group(columns, models, select, refine_cfg, poisoned)
             if closed is not None:
                 selection, kind = closed, "closed group"
+            elif refine_cfg.regroup_collapse and selection.n_anomalous:  # dense pairs no pixel pattern explains
+                regrouped = _regroup(columns, suspect, select, refine_cfg, poisoned)
+                refined["regrouped"] = regrouped is not None
+                if regrouped is not None:
+                    selection, refined["regrouped_collapsed"] = regrouped
+                    kind = "collapse"
     rank = np.empty(len(uids), np.int64)
     rank[np.argsort(-columns["suspicion"], kind="stable")] = np.arange(1, len(uids) + 1)
     flags = {name: np.zeros(len(uids), bool) for name in ("selected", "retained")}
@@ -290,8 +294,8 @@ def _verdict(selection: dict) -> str:
         closed = refined["closed_group"]
         return (f"backdoor evidence: pairs captioned alike whose images keep to themselves: {closed['closure']:.0%} of "
                 f"the nearest images of the {refined['group_size']} pairs furthest along their direction are among "
-                f"them ({closed['model']} model; no pixel pattern or collapse explains them); {k} pairs along it "
-                f"unlearned")
+                f"them ({closed['next_closure']:.0%} for any other caption concept's group; {closed['model']} model; "
+                f"no pixel pattern or collapse explains them); {k} pairs along it unlearned")
     if evidence:
         return f"backdoor evidence: a group of pairs whose images collapse onto one point; {k} pairs unlearned"
     found = "no strong backdoor evidence: no anomalous group of pairs"

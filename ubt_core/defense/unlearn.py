@@ -30,7 +30,7 @@ from ubt_core.defense.saliency import token_saliency, top_patch_masks
 from ubt_core.losses import ClipLoss
 from ubt_core.models import LoadedModel
 
-Portion = Literal["all", "visual", "visual-early"]
+Portion = Literal["all", "visual", "visual-early", "visual-late"]
 
 
 class UnlearnConfig(BaseModel):
@@ -41,7 +41,7 @@ class UnlearnConfig(BaseModel):
     # group) and refine found no pattern they share (a warp): then tokens ("Unlearning a warp", docs/algorithm.md);
     # full: gradient ascent
     scope: Literal["auto", "pattern", "token", "full"] = "auto"
-    portion: Portion = "visual"  # which parameters may change (ablation in docs/algorithm.md)
+    portion: Portion = "visual"  # which parameters may change (ablations in docs/algorithm.md)
     # share of each selected image's patch tokens transplanted, most salient first: a scrambled image's
     # trigger is everywhere, and three quarters unlearn it where a sixteenth (4 of 64) does not
     transplant_share: float = Field(0.75, gt=0, le=1)
@@ -87,11 +87,18 @@ def trainable_parameters(model: torch.nn.Module, portion: Portion) -> list[torch
         chosen = list(model.parameters())
     elif portion == "visual":
         chosen = list(visual.parameters())
-    else:  # the patch projection, embeddings and first half of the blocks: where a local trigger is read
+    elif portion == "visual-early":
+        # the patch projection, embeddings and first half of the blocks: where a local trigger is read
         blocks = visual.transformer.resblocks
         late = ("transformer.", "ln_post", "proj")
         chosen = [p for name, p in visual.named_parameters() if not name.startswith(late)]
         chosen += [p for block in blocks[:max(1, len(blocks) // 2)] for p in block.parameters()]
+    else:
+        # the second half of the blocks and the output projection: nothing is back-propagated below them, a
+        # third less time a step, and less robust accuracy ("The time after fine-tuning", docs/algorithm.md)
+        blocks = visual.transformer.resblocks
+        chosen = [p for block in blocks[len(blocks) // 2:] for p in block.parameters()]
+        chosen += [p for name, p in visual.named_parameters() if name.startswith(("ln_post", "proj"))]
     ids = {id(p) for p in chosen}
     for p in model.parameters():
         p.requires_grad_(id(p) in ids)

@@ -222,22 +222,33 @@ def test_a_pattern_that_leaves_the_match_rate_where_it_was_is_not_evidence(stubb
     assert _CountingCheck.checked and not any(r.evidence for r in found)
 
 
-def _concepts_and_a_closed_region(closed: bool, n=3000, n_closed=100) -> PairEmbeddings:
-    """Captions in 20 concepts, images spread over 16 dimensions; the first `n_closed` pairs are captioned as
-    concept 0, and with `closed` their images sit together in a region of their own (a trigger's)."""
+def _concepts_and_closed_regions(closed: int, n=3000, n_closed=100) -> PairEmbeddings:
+    """Captions in 20 concepts, images spread over 16 dimensions; the pairs of the first `closed` concepts
+    (`n_closed` each) have their images together in a region of their own (a trigger's; the second, content that
+    keeps to itself)."""
     gen = torch.Generator().manual_seed(0)
-    concept = torch.randint(20, (n,), generator=gen)
-    concept[:n_closed] = 0
+    concept = torch.randint(2, 20, (n,), generator=gen)
+    concept[:2 * n_closed] = torch.arange(2).repeat_interleave(n_closed)
     texts = 3 * torch.randn(20, 16, generator=gen)[concept] + torch.randn(n, 16, generator=gen)
     images = torch.randn(n, 16, generator=gen)
-    if closed:
-        images[:n_closed] = 0.3 * images[:n_closed] + 3 * torch.nn.functional.one_hot(torch.tensor(0), 16)
+    for region in range(closed):
+        rows = slice(region * n_closed, (region + 1) * n_closed)
+        images[rows] = 0.3 * images[rows] + 3 * torch.nn.functional.one_hot(torch.tensor(region), 16)
     return PairEmbeddings(*(torch.nn.functional.normalize(rows, dim=1) for rows in (images, texts)))
 
 
 def test_a_concept_whose_images_keep_to_themselves_is_the_closed_group():
     cfg = RefineConfig(group_size=100, concepts=20, closure_neighbours=20)
-    found = closed_group(_concepts_and_a_closed_region(closed=True), cfg)
+    found = closed_group(_concepts_and_closed_regions(closed=1), cfg)
     assert found.closure >= 0.9 and 90 <= found.members < 200  # the region and a few images at its edge
     assert (top_rows(found.scores, 100) < 100).mean() >= 0.9
-    assert closed_group(_concepts_and_a_closed_region(closed=False), cfg).closure < 0.5
+    assert found.next_closure < 0.5 and found.is_evidence(cfg)
+    assert closed_group(_concepts_and_closed_regions(closed=0), cfg).closure < 0.5
+
+
+def test_a_closed_group_that_does_not_stand_apart_is_no_evidence():
+    """Two concepts whose images keep to themselves: each is as closed as the other, so neither is a trigger's."""
+    cfg = RefineConfig(group_size=100, concepts=20, closure_neighbours=20)
+    found = closed_group(_concepts_and_closed_regions(closed=2), cfg)
+    assert found.closure >= 0.9 and found.next_closure >= 0.9
+    assert not found.is_evidence(cfg)

@@ -1,7 +1,7 @@
 """The select stage after refine. A verified pattern is the evidence and the pairs above its drop the
 unlearning set, even where select's own threshold rule would not call it a group, and instead of a
-collapsed group that holds only part of the trigger's pairs. Dense pairs that no pattern explains are
-regrouped, and the regrouped group is evidence only if it stays collapsed."""
+collapsed group that holds only part of the trigger's pairs. Without a pattern, a closed group is the evidence;
+failing that, dense pairs are regrouped, and the regrouped group is evidence only if it stays collapsed."""
 
 import json
 
@@ -139,6 +139,19 @@ def test_a_regrouped_group_that_stays_collapsed_is_evidence(tmp_path, monkeypatc
     assert summary["refine"]["regrouped"] and summary["refine"]["regrouped_collapsed"] == 32
 
 
+def test_a_closed_group_comes_before_the_regroup(tmp_path, monkeypatch):
+    """Dense pairs no pattern explains, and a closed group elsewhere: the closed group is the stricter test, so it is
+    taken, and the regroup (whose test a content group can pass) does not run."""
+    data, embeddings = _collapse_and_its_direction(tmp_path)
+    _few_dense(monkeypatch, np.arange(40))
+    scores = np.r_[np.full(30, 9.0), np.random.default_rng(2).normal(scale=0.5, size=1970)]
+    monkeypatch.setattr(stages, "closed_group", lambda embeddings, cfg: ClosedGroup(scores, 0.95, 30, "c0", 0.5))
+    summary = stages.select_stage(data, embeddings, None, tmp_path, ScanConfig(), SelectConfig(retain_size=20),
+                                  "unused", RefineConfig(group_size=40))
+    assert summary["evidence_kind"] == "closed group" and summary["k"] == 30
+    assert "regrouped" not in summary["refine"]
+
+
 def test_a_regrouped_group_that_does_not_collapse_is_no_evidence(tmp_path, monkeypatch):
     """The same 12 dense pairs lead to a group of 40 of which the scan saw only those 12 collapsed (near-duplicates
     in a content group): no evidence, nothing unlearned."""
@@ -152,25 +165,31 @@ def test_a_regrouped_group_that_does_not_collapse_is_no_evidence(tmp_path, monke
 
 def test_a_closed_group_is_evidence_where_nothing_else_is(tiny_world, tmp_path, monkeypatch):
     """No pattern, no collapse: a caption concept regrouped into a group whose images keep to themselves (closure
-    over `min_closure`) is the evidence, and its members are unlearned; a less closed one is not."""
+    over `min_closure`, standing apart from the next group by `min_closure_gap`) is the evidence, and its members are
+    unlearned; a less closed one, or one as closed as another concept's, is not."""
     uids = read_checked_pairs(tiny_world["train"]).column("uid")
     embeddings = str(tmp_path / "embeddings.parquet")
     _random_embeddings(uids, embeddings)
     monkeypatch.setattr(stages, "_refine", _unverified)
     scores = np.r_[np.full(30, 9.0), np.random.default_rng(0).normal(scale=0.5, size=len(uids) - 30)]
 
-    def selected(closure: float, refine_cfg: RefineConfig = RefineConfig()) -> tuple[dict, pd.DataFrame]:
-        monkeypatch.setattr(stages, "closed_group", lambda embeddings, cfg: ClosedGroup(scores, closure, 25, "c0"))
+    def selected(closure: float, next_closure: float = 0.5,
+                 refine_cfg: RefineConfig | None = None) -> tuple[dict, pd.DataFrame]:
+        monkeypatch.setattr(stages, "closed_group",
+                            lambda embeddings, cfg: ClosedGroup(scores, closure, 25, "c0", next_closure))
         summary = stages.select_stage(tiny_world["train"], embeddings, None, tmp_path, ScanConfig(neighbours=5),
-                                      SelectConfig(min_group=10, retain_size=20), "unused", refine_cfg)
+                                      SelectConfig(min_group=10, retain_size=20), "unused",
+                                      refine_cfg or RefineConfig())
         return summary, pq.read_table(tmp_path / stages.SUSPICIOUS_FILE).to_pandas()
 
     summary, suspicious = selected(0.9)
     assert summary["evidence_kind"] == "closed group" and summary["k"] == 25
-    assert summary["refine"]["closed_group"] == {"closure": 0.9, "members": 25, "start": "c0", "model": "suspect"}
+    assert summary["refine"]["closed_group"] == {"closure": 0.9, "next_closure": 0.5, "members": 25, "start": "c0",
+                                                 "model": "suspect"}
     assert set(suspicious[suspicious.selected].uid) <= set(uids.to_pylist()[:30])
     assert (suspicious.closed == suspicious.suspicion).all()
-    summary, suspicious = selected(0.8)
-    assert not summary["backdoor_evidence"] and summary["k"] == 0 and "closed" not in suspicious.columns
-    summary, _ = selected(0.9, RefineConfig(closed_group=False))
+    for closure, next_closure in ((0.8, 0.5), (0.9, 0.85)):
+        summary, suspicious = selected(closure, next_closure)
+        assert not summary["backdoor_evidence"] and summary["k"] == 0 and "closed" not in suspicious.columns
+    summary, _ = selected(0.9, refine_cfg=RefineConfig(closed_group=False))
     assert summary["k"] == 0 and "closed_group" not in summary["refine"]

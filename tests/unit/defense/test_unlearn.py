@@ -71,7 +71,7 @@ def test_overfit_changes_a_copy_only(tiny, tiny_world):
     assert any(not torch.equal(before[n], p) for n, p in amplified.model.named_parameters())
 
 
-@pytest.mark.parametrize("portion", ["visual-early", "visual", "all"])
+@pytest.mark.parametrize("portion", ["visual-early", "visual-late", "visual", "all"])
 def test_unlearning_moves_only_its_portion(tiny, portion):
     images, texts = _batch(tiny, n=8)
     before = _params(tiny.model)
@@ -85,6 +85,7 @@ def test_unlearning_moves_only_its_portion(tiny, portion):
     assert moved
     assert (portion == "all") or not text_moved
     assert (portion != "visual-early") or not late_moved
+    assert (portion != "visual-late") or moved == late_moved
     assert 0 < info["trainable_fraction"] <= 1
     assert all(p.requires_grad for p in student.model.parameters())
 
