@@ -1,8 +1,8 @@
 """The defend flow: one Prefect task per UBT stage, each one call into ubt_core or a Ray job.
 
-validate -> scan_suspect -> [select ->] overfit -> scan_overfit -> select(_overfit) -> unlearn -> evaluate -> report
--> register. The first select, on the suspect's scan alone, decides whether the overfit is needed: a verified
-trigger pattern makes it unnecessary (`defense.overfit.skip_if_pattern`).
+validate -> pattern -> [scan_suspect -> overfit -> scan_overfit -> select] -> unlearn -> evaluate -> report ->
+register. The pattern stage refines the caption concepts before any image is embedded; a verified trigger pattern
+there is the selection, and the scans, the overfit and select do not run (`defense.overfit.skip_if_pattern`).
 Task results are persisted and cached on the stage's inputs (upstream outputs by content digest), its
 config section and the code version, so re-running a flow after a failed stage resumes at that stage.
 MLflow gets one parent run per flow run and a child run per stage that actually ran. Stage files go to
@@ -92,11 +92,25 @@ def overfit(model_dir: str, model_digest: str, data_uri: str, data_digest: str, 
 
 
 @task(cache_policy=CACHED, persist_result=True)
+def pattern(model_dir: str, model_digest: str, data_uri: str, data_digest: str, out: str, select_cfg: SelectConfig,
+            refine_cfg: RefineConfig, precision: Precision, code: str, ctx: StageContext) -> dict:
+    def body(tracker: Tracker, run_id: str) -> dict:
+        summary = stages.pattern_stage(data_uri, out, select_cfg, model_dir, refine_cfg, precision)
+        if not summary["backdoor_evidence"]:
+            return summary
+        tracker.log_artifact(run_id, Path(out) / stages.SUSPICIOUS_FILE)
+        return summary | {"digest": file_digest(Path(out) / stages.SUSPICIOUS_FILE)}
+    return _tracked(ctx, "pattern", body, {"select": select_cfg.model_dump(), "refine": refine_cfg.model_dump(),
+                                           "precision": precision})
+
+
+@task(cache_policy=CACHED, persist_result=True)
 def select(stage: str, model_dir: str, model_digest: str, data_uri: str, data_digest: str, suspect: str,
            amplified: str | None, out: str, scan_cfg: ScanConfig, select_cfg: SelectConfig, refine_cfg: RefineConfig,
-           code: str, ctx: StageContext) -> dict:
+           tried: dict | None, code: str, ctx: StageContext) -> dict:
     def body(tracker: Tracker, run_id: str) -> dict:
-        summary = stages.select_stage(data_uri, suspect, amplified, out, scan_cfg, select_cfg, model_dir, refine_cfg)
+        summary = stages.select_stage(data_uri, suspect, amplified, out, scan_cfg, select_cfg, model_dir, refine_cfg,
+                                      tried)
         tracker.log_artifact(run_id, Path(out) / stages.SUSPICIOUS_FILE)
         return summary | {"digest": file_digest(Path(out) / stages.SUSPICIOUS_FILE)}
     return _tracked(ctx, stage, body, {"scan": scan_cfg.model_dump(), "select": select_cfg.model_dump(),
@@ -146,13 +160,42 @@ def _tracking_uri(cfg: RunConfig) -> str:
     return cfg.mlflow.tracking_uri or f"sqlite:///{(Path(cfg.stage_dir) / 'mlflow.db').resolve()}"
 
 
+def _scan_and_select(cfg: RunConfig, tasks: dict, data: str, data_digest: str, suspect_digest: str,
+                     tried: dict | None, seconds: dict[str, float], code: str, ray: RayConfig,
+                     ctx: StageContext) -> dict:
+    """Scan the suspect, over-fit, scan and select (on the suspect's scan alone first where that may make the
+    overfit unnecessary); returns the last select task's result and adds each stage's seconds to `seconds`."""
+    d, work = cfg.defense, Path(cfg.stage_dir) / "work"
+    suspect = tasks["scan"]("scan_suspect", cfg.model, suspect_digest, data, data_digest,
+                            str(work / f"embeddings-suspect-{suspect_digest}-{d.precision}"), d.precision, code, ray,
+                            ctx)
+    seconds["scan_suspect"] = suspect["seconds"]
+
+    def select_on(stage: str, amplified: str | None) -> dict:
+        picked = tasks["select"](stage, cfg.model, suspect_digest, data, data_digest, suspect["value"]["out_uri"],
+                                 amplified, cfg.stage_dir, d.scan, d.select, d.refine, tried, code, ctx)
+        seconds[stage] = picked["seconds"]
+        return picked
+
+    selected = select_on("select", None) if d.select_before_overfit() else None
+    if d.needs_overfit(selected and selected["value"]):
+        over = tasks["overfit"](cfg.model, suspect_digest, data, data_digest, suspect["value"]["out_uri"],
+                                str(work / f"overfit-model-{config_digest(d.overfit)}"), d.overfit, code, ray, ctx)
+        over_digest = checkpoint_digest(over["value"])
+        amplified = tasks["scan"]("scan_overfit", over["value"], over_digest, data, data_digest,
+                                  str(work / f"embeddings-overfit-{over_digest}-{d.precision}"), d.precision, code,
+                                  ray, ctx)
+        seconds |= {"overfit": over["seconds"], "scan_overfit": amplified["seconds"]}
+        selected = select_on("select" if selected is None else "select_overfit", amplified["value"]["out_uri"])
+    return selected
+
+
 @flow(name="ubt-defend")
 def defend_flow(config_path: str | None = None, overrides: list[str] | None = None) -> dict:
     """UBT on a suspect model and its training pairs, as a DAG of cached stages; returns the report."""
     cfg = load_run_config(config_path, overrides or [])
     use_s3_endpoint(cfg.s3.endpoint_url)
     out = Path(cfg.stage_dir)
-    work = out / "work"
     d, code = cfg.defense, code_version()
     # Ray Train keeps its stage checkpoints with the run's other outputs unless the config says otherwise
     ray = cfg.ray.model_copy(update={"storage_path": cfg.ray.storage_path or str((out / "ray").resolve())})
@@ -168,33 +211,21 @@ def defend_flow(config_path: str | None = None, overrides: list[str] | None = No
         storage = {"result_storage": cfg.prefect.result_storage} if cfg.prefect.result_storage else {}
         tasks = {t.name: t.with_options(retries=cfg.prefect.retries,
                                         retry_delay_seconds=cfg.prefect.retry_delay_seconds, **storage)
-                 for t in (validate, scan, overfit, select, unlearn, evaluate, register)}
+                 for t in (validate, pattern, scan, overfit, select, unlearn, evaluate, register)}
 
         checked = tasks["validate"](cfg.data.train, train_digest, str(out), cfg.data.quarantine, code, ctx)
         data = checked["value"]["data"]
         data_digest = train_digest if data == cfg.data.train else dataset_digest(data)
         suspect_digest = checkpoint_digest(cfg.model)
-        suspect = tasks["scan"]("scan_suspect", cfg.model, suspect_digest, data, data_digest,
-                                str(work / f"embeddings-suspect-{suspect_digest}-{d.precision}"), d.precision, code,
-                                ray, ctx)
-        seconds = {"load": checked["seconds"], "scan_suspect": suspect["seconds"]}
-
-        def select_on(stage: str, amplified: str | None) -> dict:
-            picked = tasks["select"](stage, cfg.model, suspect_digest, data, data_digest, suspect["value"]["out_uri"],
-                                     amplified, str(out), d.scan, d.select, d.refine, code, ctx)
-            seconds[stage] = picked["seconds"]
-            return picked
-
-        selected = select_on("select", None) if d.select_before_overfit() else None
-        if d.needs_overfit(selected and selected["value"]):
-            over = tasks["overfit"](cfg.model, suspect_digest, data, data_digest, suspect["value"]["out_uri"],
-                                    str(work / f"overfit-model-{config_digest(d.overfit)}"), d.overfit, code, ray, ctx)
-            over_digest = checkpoint_digest(over["value"])
-            amplified = tasks["scan"]("scan_overfit", over["value"], over_digest, data, data_digest,
-                                      str(work / f"embeddings-overfit-{over_digest}-{d.precision}"), d.precision,
-                                      code, ray, ctx)
-            seconds |= {"overfit": over["seconds"], "scan_overfit": amplified["seconds"]}
-            selected = select_on("select" if selected is None else "select_overfit", amplified["value"]["out_uri"])
+        seconds = {"load": checked["seconds"]}
+        tried = selected = None
+        if d.pattern_first():
+            found = tasks["pattern"](cfg.model, suspect_digest, data, data_digest, str(out), d.select, d.refine,
+                                     d.precision, code, ctx)
+            seconds["pattern"], tried = found["seconds"], found["value"]
+            selected = found if tried["backdoor_evidence"] else None
+        if selected is None:
+            selected = _scan_and_select(cfg, tasks, data, data_digest, suspect_digest, tried, seconds, code, ray, ctx)
         cleaned = tasks["unlearn"](cfg.model, suspect_digest, data, data_digest, selected["value"]["digest"], str(out),
                                    d.unlearn, code, ray, ctx)
         seconds["unlearn"] = cleaned["seconds"]
@@ -207,7 +238,7 @@ def defend_flow(config_path: str | None = None, overrides: list[str] | None = No
                         ctx)["value"]
         version = tasks["register"](cfg, cleaned["value"]["digest"], {
             "ubt.suspect_model": cfg.model, "ubt.dataset_uri": cfg.data.train, "ubt.dataset_digest": train_digest,
-            "ubt.scan_run_id": suspect["run_id"], "ubt.code_version": code,
+            "ubt.selection_run_id": selected["run_id"], "ubt.code_version": code,
             "ubt.prefect_flow_run_id": str(flow_run.get_id())}, code, ctx)["value"]["version"]
         if cfg.output != cfg.stage_dir:
             publish(str(out), cfg.output)

@@ -21,9 +21,30 @@ def tiny_compare():
     from ubt_core.train import TrainConfig
 
     small_ubt = {"overfit": {"steps": 2, "weak_per_batch": 8, "normal_per_batch": 8}, "scan": {"neighbours": 5},
-                 "select": {"retain_size": 20}, "unlearn": {"steps": 2, "batch_size": 8}}
+                 "select": {"retain_size": 20}, "unlearn": {"steps": 2, "transplant_steps": 2, "batch_size": 8}}
     bench = BenchConfig(rate=0.1, clean_baseline=False,
                         synth=SynthConfig(train_pairs=120, eval_images=40, rows_per_file=64),
                         train=TrainConfig(epochs=1, batch_size=16, warmup_steps=2))
     return CompareConfig(attacks=["badnet"], defenses=["none", "ft", "abl", "ubt"], seeds=[0, 1], bench=bench,
                          baseline=BaselineConfig(pair_passes=32, batch_size=16, warmup_steps=0), ubt=small_ubt)
+
+
+@pytest.fixture
+def refine_outcome(monkeypatch) -> dict:
+    """Refine's outcome as a test chooses it: set `verified` in the returned dict. A verified pattern puts the
+    first 6 pairs above a drop; every start is listed."""
+    import numpy as np
+
+    from ubt_core.defense import stages
+
+    outcome = {"verified": False}
+
+    def refined(model_dir, table, columns, starts, clean_rows, cfg, poisoned):
+        columns["pattern"] = np.r_[np.full(6, 9.0), np.zeros(table.num_rows - 6)]
+        if outcome["verified"]:
+            columns["suspicion"] = columns["pattern"]
+        return {"verified": outcome["verified"], "above_gap": 6, "gap": 9.0, "trigger_match_rate": 0.5,
+                "clean_match_rate": 0.0, "starts": [{"start": name} for name in starts]}
+
+    monkeypatch.setattr(stages, "_refine", refined)
+    return outcome

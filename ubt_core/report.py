@@ -128,6 +128,8 @@ def _overfit_fact(report: dict) -> str:
         return "ran"
     if not report["config"]["overfit"]["steps"]:
         return "off (`overfit.steps` = 0)"
+    if "scan_suspect" not in report["stage_seconds"]:
+        return "skipped, and the image scan too: the caption concepts gave a verified trigger pattern"
     return "skipped: the suspect's own scan already gave a verified trigger pattern"
 
 

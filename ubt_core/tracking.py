@@ -168,7 +168,7 @@ class Tracker:
 
         The model's artifact `artifacts/checkpoint/` holds the checkpoint files unchanged, so it loads with
         `open_clip.create_model_and_transforms("local-dir:...")` too. `tags` (e.g. `ubt.dataset_digest`,
-        `ubt.scan_run_id`) go on the model version to link its lineage. Returns the new version number.
+        `ubt.selection_run_id`) go on the model version to link its lineage. Returns the new version number.
         """
         tags = {key: str(value) for key, value in (tags or {}).items()}
         _check_checkpoint(Path(model_dir))

@@ -14,7 +14,8 @@ from ubt_core.models import create_model, save_model
 pytestmark = pytest.mark.e2e
 
 SMALL = {"overfit": {"steps": 2, "weak_per_batch": 8, "normal_per_batch": 8},
-         "scan": {"neighbours": 5}, "select": {"retain_size": 20}, "unlearn": {"steps": 2, "batch_size": 8}}
+         "scan": {"neighbours": 5}, "select": {"retain_size": 20},
+         "unlearn": {"steps": 2, "transplant_steps": 2, "batch_size": 8}}
 
 
 @pytest.fixture(scope="module")
@@ -96,26 +97,27 @@ def test_a_reused_scan_gives_the_same_scores_and_keeps_its_recorded_time(suspect
     assert a.column("suspicion").equals(b.column("suspicion")) and second["k"] == 6
 
 
-def test_a_pattern_verified_on_the_suspect_skips_the_overfit(suspect, tmp_path, monkeypatch):
-    """Only a verified trigger pattern makes the overfit unnecessary; any other first selection over-fits."""
-    from ubt_core.defense import stages
+def test_a_pattern_verified_from_the_captions_skips_the_scans_and_the_overfit(suspect, tmp_path, refine_outcome):
+    """A trigger pattern verified from the caption concepts is the selection: no image scan, overfit or select runs.
+    Without one the suspect is scanned and over-fitted, and select tries only the scan's top; with the overfit on
+    whatever is found (`skip_if_pattern` off) the caption pass does not run."""
     from ubt_core.defense.bench import variant_config
     from ubt_core.defense.ubt import defend
 
-    select_stage = stages.select_stage
-
-    def verified_before_overfit(data, suspect_embeddings, overfit_embeddings, *rest):
-        summary = select_stage(data, suspect_embeddings, overfit_embeddings, *rest)
-        return summary | {"evidence_kind": "shared pattern" if overfit_embeddings is None else "collapse"}
-
-    monkeypatch.setattr(stages, "select_stage", verified_before_overfit)
     args = (str(suspect / "model"), str(suspect / "poisoned"))
+    refine_outcome["verified"] = True
     skipped = defend(*args, tmp_path / "a", variant_config(SMALL))
-    assert not skipped["overfit_ran"] and {"overfit", "scan_overfit"}.isdisjoint(skipped["stage_seconds"])
-    assert "overfit amplification | skipped" in (tmp_path / "a" / "report.md").read_text()
+    assert not skipped["overfit_ran"] and skipped["k"] == 6
+    assert set(skipped["stage_seconds"]) == {"load", "pattern", "unlearn", "report"}
+    assert "overfit amplification | skipped, and the image scan too" in (tmp_path / "a" / "report.md").read_text()
+    refine_outcome["verified"] = False
+    ran = defend(*args, tmp_path / "b", variant_config(SMALL))
+    assert ran["overfit_ran"] and {"pattern", "scan_suspect", "overfit", "scan_overfit", "select"} <= set(
+        ran["stage_seconds"]) and "select_overfit" not in ran["stage_seconds"]
+    starts = [start["start"] for start in ran["refine"]["starts"]]
+    assert starts[-1] == "scan top" and len(starts) > 1 and all(s.startswith("concept") for s in starts[:-1])
     always = SMALL | {"overfit": SMALL["overfit"] | {"skip_if_pattern": False}}
-    ran = defend(*args, tmp_path / "b", variant_config(always))
-    assert ran["overfit_ran"] and {"overfit", "scan_overfit", "select"} <= set(ran["stage_seconds"])
-    assert "select_overfit" not in ran["stage_seconds"]  # without the switch the suspect alone is never selected on
-    off = defend(*args, tmp_path / "c", variant_config(SMALL | {"overfit": {"steps": 0}}))  # the ablation
-    assert not off["overfit_ran"] and "overfit amplification | off" in (tmp_path / "c" / "report.md").read_text()
+    ran = defend(*args, tmp_path / "c", variant_config(always))
+    assert ran["overfit_ran"] and "pattern" not in ran["stage_seconds"]
+    off = defend(*args, tmp_path / "d", variant_config(SMALL | {"overfit": {"steps": 0}}))  # the ablation
+    assert not off["overfit_ran"] and "overfit amplification | off" in (tmp_path / "d" / "report.md").read_text()

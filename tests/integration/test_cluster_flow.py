@@ -19,7 +19,7 @@ from ubt_core.models import create_model, save_model
 from ubt_core.tracking import lineage
 
 SMALL = {"overfit": {"steps": 2, "weak_per_batch": 8, "normal_per_batch": 8}, "scan": {"neighbours": 5},
-         "select": {"k": 6, "retain_size": 20}, "unlearn": {"steps": 2, "batch_size": 8}}
+         "select": {"k": 6, "retain_size": 20}, "unlearn": {"steps": 2, "transplant_steps": 2, "batch_size": 8}}
 
 
 def _s3(stack) -> pafs.S3FileSystem:

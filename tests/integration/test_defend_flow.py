@@ -18,7 +18,8 @@ from ubt_core.tracking import lineage, source_uri
 BEFORE_UNLEARN = {"validate", "scan_suspect", "overfit", "scan_overfit", "select"}
 SMALL = ["defense.overfit.steps=2", "defense.overfit.weak_per_batch=8", "defense.overfit.normal_per_batch=8",
          "defense.scan.neighbours=5", "defense.select.k=6", "defense.select.retain_size=20",
-         "defense.unlearn.steps=2", "defense.unlearn.batch_size=8", "prefect.retries=0",
+         "defense.unlearn.steps=2", "defense.unlearn.transplant_steps=2", "defense.unlearn.batch_size=8",
+         "prefect.retries=0",
          "ray.scan_actors=1", "ray.cpus_per_actor=0.5", "ray.scan_batch_size=32"]
 
 
@@ -36,11 +37,12 @@ def _overrides(world, out) -> list[str]:
             f"model={world['model']}", f"output={out}", *SMALL]
 
 
-def _stage_runs(out, parent_run_id: str) -> set[str]:
+def _stage_runs(out, parent_run_id: str) -> dict[str, str]:
+    """The stages that ran under a flow run, by name, with their MLflow run ids."""
     client = mlflow.MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
     runs = client.search_runs(client.get_experiment_by_name("ubt").experiment_id,
                               f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}'")
-    return {run.data.tags["ubt.stage"] for run in runs}
+    return {run.data.tags["ubt.stage"]: run.info.run_id for run in runs}
 
 
 def _weights(out) -> dict[str, torch.Tensor]:
@@ -65,14 +67,14 @@ def test_a_failed_stage_resumes_from_cache_and_matches_an_uninterrupted_run(
     assert len(scans) == 2
 
     resumed = flow_module.defend_flow(None, _overrides(world, out))
-    ran = _stage_runs(out, resumed["mlflow_run_id"])
+    ran = set(_stage_runs(out, resumed["mlflow_run_id"]))
     assert not ran & BEFORE_UNLEARN, f"served from cache, so no run of their own: {ran}"
     assert {"unlearn", "evaluate_suspect", "evaluate_defended", "report", "register"} <= ran
     assert [p.stat().st_mtime_ns for p in scans] == stamps  # not recomputed either
     assert resumed["k"] == 6 and set(resumed["evaluation"]["defended"]) >= {"ca", "asr", "ra"}
 
     fresh = flow_module.defend_flow(None, _overrides(world, tmp_path / "fresh"))
-    assert _stage_runs(tmp_path / "fresh", fresh["mlflow_run_id"]) >= BEFORE_UNLEARN  # a new output: no cache
+    assert set(_stage_runs(tmp_path / "fresh", fresh["mlflow_run_id"])) >= BEFORE_UNLEARN  # a new output: no cache
     a, b = _weights(out), _weights(tmp_path / "fresh")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -84,25 +86,20 @@ def test_a_failed_stage_resumes_from_cache_and_matches_an_uninterrupted_run(
     assert source_uri(train[0]["source"]) == world["data"] or train[0]["source"].endswith(world["data"])
 
 
-def test_the_first_select_decides_whether_the_flow_overfits(prefect_server, local_ray, world, tmp_path,
-                                                            monkeypatch):
-    """A pattern verified on the suspect's scan skips the overfit; a first selection without one (here: a
-    collapse) over-fits and selects again."""
+def test_a_pattern_from_the_captions_decides_whether_the_flow_scans(prefect_server, local_ray, world, tmp_path,
+                                                                    refine_outcome):
+    """A trigger pattern verified by the pattern stage is the selection: no scan, overfit or select runs, and the
+    model's lineage names the pattern stage's run. Without one the flow scans, over-fits and selects."""
     from flows import defend as flow_module
 
-    select_stage = flow_module.stages.select_stage
-    first_kind = {}
-
-    def first_select_finds(data, suspect, amplified, *rest):
-        summary = select_stage(data, suspect, amplified, *rest)
-        return summary | {"evidence_kind": first_kind["value"] if amplified is None else "collapse"}
-
-    monkeypatch.setattr(flow_module.stages, "select_stage", first_select_finds)
-    for kind, ran_after in (("shared pattern", set()), ("collapse", {"overfit", "scan_overfit", "select_overfit"})):
-        first_kind["value"] = kind
-        out = tmp_path / kind.replace(" ", "-")
+    scanning = {"scan_suspect", "overfit", "scan_overfit", "select", "select_overfit"}
+    for verified, ran_after in ((True, set()), (False, scanning - {"select_overfit"})):
+        refine_outcome["verified"] = verified
+        out = tmp_path / f"verified-{verified}"
         overrides = [o for o in _overrides(world, out) if not o.startswith("defense.select.k=")]  # refine runs
         result = flow_module.defend_flow(None, overrides)
-        ran = _stage_runs(out, result["mlflow_run_id"]) & {"select", "overfit", "scan_overfit", "select_overfit"}
-        assert ran == {"select"} | ran_after, (kind, ran)
-        assert result["overfit_ran"] == bool(ran_after) and ("overfit" in result["stage_seconds"]) == bool(ran_after)
+        runs = _stage_runs(out, result["mlflow_run_id"])
+        assert set(runs) & (scanning | {"pattern"}) == {"pattern"} | ran_after, (verified, runs)
+        assert result["overfit_ran"] != verified and ("scan_suspect" in result["stage_seconds"]) != verified
+        tags = lineage(f"sqlite:///{out / 'mlflow.db'}", "ubt-defended", result["registered_version"])["model"]["tags"]
+        assert tags["ubt.selection_run_id"] == runs["pattern" if verified else "select"]

@@ -9,7 +9,7 @@ from ubt_core.train import TrainConfig
 
 SMALL_DEFENSE = ["defense.overfit.steps=2", "defense.overfit.weak_per_batch=8", "defense.overfit.normal_per_batch=8",
                  "defense.scan.neighbours=5", "defense.select.retain_size=20", "defense.unlearn.steps=2",
-                 "defense.unlearn.batch_size=8"]
+                 "defense.unlearn.transplant_steps=2", "defense.unlearn.batch_size=8"]
 
 
 def test_demo_backdoors_a_model_defends_it_and_reuses_finished_stages(prefect_server, local_ray, tmp_path):

@@ -81,7 +81,7 @@ def registered(store, tmp_path_factory):
         with tracker.stage_run(parent, "register") as register:
             version = tracker.register_model(register, ckpt, MODEL_NAME, {
                 "ubt.dataset_digest": digest, "ubt.dataset_uri": str(data), "ubt.suspect_model": "/m/suspect",
-                "ubt.scan_run_id": validate, "ubt.prefect_flow_run_id": "pf-123"})
+                "ubt.selection_run_id": validate, "ubt.prefect_flow_run_id": "pf-123"})
     return {"version": version, "ckpt": ckpt, "data": data, "digest": digest, "parent": parent,
             "validate": validate, "register": register}
 
@@ -198,7 +198,7 @@ def test_lineage_walks_version_to_data_and_flow(store, registered):
     found = lineage(store["uri"], MODEL_NAME, registered["version"])
     assert found["model"]["run_id"] == found["run"]["run_id"] == registered["register"]
     assert found["model"]["tags"]["ubt.dataset_digest"] == registered["digest"]
-    assert found["model"]["tags"]["ubt.scan_run_id"] == registered["validate"]
+    assert found["model"]["tags"]["ubt.selection_run_id"] == registered["validate"]
     assert found["run"]["stage"] == "register"
     assert found["flow_run"]["run_id"] == registered["parent"]
     assert found["flow_run"]["tags"]["ubt.prefect_flow_run_id"] == "pf-123"

@@ -80,7 +80,9 @@ def _ubt_training(cfg: DefenseConfig, report: dict, n_pairs: int) -> tuple[int, 
         passes = overfit.steps * (overfit.weak_per_batch + overfit.normal_per_batch)
         touched = round(overfit.weak_fraction * n_pairs) + overfit.steps * overfit.normal_per_batch
     if report["k"]:
-        passes += unlearn.steps * unlearn.batch_size * 2  # each retain image also goes through with the trigger
+        # each retain image goes through with the trigger, and `clean_per_step` of them without it too
+        passes += unlearn.steps * (unlearn.batch_size + min(unlearn.clean_per_step or unlearn.batch_size,
+                                                            unlearn.batch_size))
         touched += report["k"] + min(cfg.select.retain_size, n_pairs // 2)
     return passes, min(n_pairs, touched)
 

@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from open_clip_train.precision import get_autocast
+from tqdm import tqdm
 
 from ubt_core.data.contract import filesystem
 from ubt_core.errors import UbtError
@@ -58,11 +59,30 @@ def embed_batch(batch: pa.Table | pa.RecordBatch, loaded: LoadedModel, precision
     With `amp_bf16` the encoders run under bfloat16 autocast and their outputs are normalised in float32.
     """
     loaded.model.eval()
-    with get_autocast(precision, next(loaded.model.parameters()).device.type)():
+    with _autocast(loaded, precision):
         images = encode_image_batch(loaded, batch.column("image").to_pylist(), normalize=False)
         texts = loaded.model.encode_text(loaded.tokenizer(batch.column("caption").to_pylist()))
     images, texts = (torch.nn.functional.normalize(rows.float(), dim=-1) for rows in (images, texts))
     return pa.table({"uid": batch.column("uid"), "image_emb": _vectors(images), "text_emb": _vectors(texts)})
+
+
+@torch.inference_mode()
+def embed_captions(captions: list[str], loaded: LoadedModel, precision: Precision = "fp32",
+                   batch_size: int = 512) -> torch.Tensor:
+    """(N, D) L2-normalised caption embeddings computed as `embed_batch` computes `text_emb`, with the text tower
+    only (a first pass that reads no image). Each distinct caption is tokenized and encoded once."""
+    distinct, position = np.unique(np.asarray(captions, dtype=object), return_inverse=True)
+    distinct = distinct.tolist()
+    loaded.model.eval()
+    with _autocast(loaded, precision):
+        texts = [loaded.model.encode_text(loaded.tokenizer(distinct[start:start + batch_size]))
+                 for start in tqdm(range(0, len(distinct), batch_size), desc="captions", unit="batch",
+                                   mininterval=2.0)]
+    return torch.nn.functional.normalize(torch.cat(texts).float(), dim=-1)[torch.from_numpy(position)]
+
+
+def _autocast(loaded: LoadedModel, precision: Precision):
+    return get_autocast(precision, next(loaded.model.parameters()).device.type)()
 
 
 def embeddings_of(table: pa.Table) -> PairEmbeddings:

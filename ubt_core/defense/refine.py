@@ -252,16 +252,24 @@ class TriggerCheck:
                 self._preferred(self.clean_embedded, concept))
 
 
-def refine(loaded: LoadedModel, dataset: PairDataset, suspicion: np.ndarray, texts: torch.Tensor,
-           clean_rows: np.ndarray, cfg: RefineConfig) -> list[Refinement]:
-    """From the scan's top pairs and from each caption concept (`texts`: the suspect's caption embeddings),
-    find the group sharing one pixel pattern. Only a group that stands apart is checked as a trigger. Returns
+def concept_starts(texts: torch.Tensor, cfg: RefineConfig) -> dict[str, np.ndarray]:
+    """Refine's starts from the caption concepts of `texts` (the suspect's caption embeddings), by name."""
+    return {f"concept {i}": rows for i, rows in enumerate(concept_groups(texts, cfg.concepts, cfg.seed))
+            if len(rows) >= 2}
+
+
+def scan_start(suspicion: np.ndarray, cfg: RefineConfig) -> dict[str, np.ndarray]:
+    """Refine's start from the scan's most suspicious pairs."""
+    return {"scan top": np.argsort(-suspicion, kind="stable")[:cfg.group_size]}
+
+
+def refine(loaded: LoadedModel, dataset: PairDataset, starts: dict[str, np.ndarray], clean_rows: np.ndarray,
+           cfg: RefineConfig) -> list[Refinement]:
+    """From each start (`concept_starts`, `scan_start`), find the group sharing one pixel pattern; the patterns are
+    checked on clean images drawn from `clean_rows`. Only a group that stands apart is checked as a trigger. Returns
     every start's group, the chosen one first: evidence first, then the pattern that raises the match rate most,
     then the largest drop."""
     matched_filter = MatchedFilter(pooled_pixels(dataset, cfg.side), cfg.shrinkage)
-    starts = {"scan top": np.argsort(-suspicion, kind="stable")[:cfg.group_size]}
-    starts |= {f"concept {i}": rows for i, rows in enumerate(concept_groups(texts, cfg.concepts, cfg.seed))
-               if len(rows) >= 2}
     check = TriggerCheck(loaded, dataset.stack(np.random.default_rng(cfg.seed).choice(
         clean_rows, min(cfg.check_size, len(clean_rows)), replace=False)), cfg.pattern_z)
     all_scores, groups = matched_filter.converge(list(starts.values()), cfg.iterations, cfg.group_size)

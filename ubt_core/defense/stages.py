@@ -35,9 +35,24 @@ from ubt_core.data.contract import (
     write_pairs,
     write_table,
 )
-from ubt_core.defense.embed import SCANNED_COLUMNS, PairEmbeddings, Precision, embed_batch, read_embeddings
+from ubt_core.defense.embed import (
+    SCANNED_COLUMNS,
+    PairEmbeddings,
+    Precision,
+    embed_batch,
+    embed_captions,
+    read_embeddings,
+)
 from ubt_core.defense.overfit import OverfitConfig, overfit
-from ubt_core.defense.refine import RefineConfig, Refinement, closed_group, refine, regroup
+from ubt_core.defense.refine import (
+    RefineConfig,
+    Refinement,
+    closed_group,
+    concept_starts,
+    refine,
+    regroup,
+    scan_start,
+)
 from ubt_core.defense.saliency import token_saliency
 from ubt_core.defense.scan import ScanConfig, scan_scores
 from ubt_core.defense.select import SelectConfig, Selection, select_pairs
@@ -118,18 +133,75 @@ def _refinement_summary(found: Refinement, poisoned: np.ndarray | None) -> dict:
             | ({"poisoned_in_group": int(poisoned[found.group].sum())} if poisoned is not None else {}))
 
 
-def _refine(model_dir: str, table: pa.Table, columns: dict[str, np.ndarray], texts: torch.Tensor,
+def _refine(model_dir: str, table: pa.Table, columns: dict[str, np.ndarray], starts: dict[str, np.ndarray],
             clean_rows: np.ndarray, cfg: RefineConfig, poisoned: np.ndarray | None) -> dict:
     """Adds the `pattern` column; a verified pattern's scores become the suspicion. Returns what it found,
     with every start's group."""
     suspect = load_model(model_dir)
-    tried = refine(suspect, PairDataset(table, suspect), columns["suspicion"], texts, clean_rows, cfg)
+    tried = refine(suspect, PairDataset(table, suspect), starts, clean_rows, cfg)
     found = tried[0]
     columns["pattern"] = found.scores
     if found.evidence:
         columns["suspicion"] = found.scores
     return _refinement_summary(found, poisoned) | {"group_size": len(found.group),
                                                    "starts": [_refinement_summary(r, poisoned) for r in tried]}
+
+
+def _pattern_selection(columns: dict[str, np.ndarray], refined: dict, select: SelectConfig, cfg: RefineConfig,
+                       poisoned: np.ndarray | None) -> tuple[Selection, str | None]:
+    """The selection a verified pattern makes (its scores are the suspicion): the pairs above its drop, which share
+    it, or with `cut_at_gap` off select's thresholds on its scores."""
+    if cfg.cut_at_gap:
+        cut = select_pairs(columns["suspicion"], select.model_copy(update={"k": refined["above_gap"]}), poisoned)
+        return replace(cut, evidence=True), "shared pattern"  # the verified pattern is the evidence
+    selection = select_pairs(columns["suspicion"], select, poisoned)
+    return selection, "shared pattern" if selection.evidence else None
+
+
+def pattern_stage(data_uri: str, out_dir: str | Path, select: SelectConfig, model_dir: str, refine_cfg: RefineConfig,
+                  precision: Precision = "fp32", batch_size: int = 512) -> dict:
+    """The first pass, before any image is embedded: refine from the caption concepts of the suspect's caption
+    embeddings (the text tower only), with the patterns checked on images drawn from every pair (no scan has told
+    clean from suspect yet; a few poisoned ones among 500 move the patched and the unpatched rate alike).
+
+    A verified pattern is the evidence, as in the select stage: writes suspicious.parquet and selection.json and
+    returns select's summary; the image scan, the overfit and select are not needed. Otherwise writes nothing and
+    returns `backdoor_evidence` False with what was tried (`refine`, to pass to `select_stage` as `tried`).
+    """
+    table = read_checked_pairs(data_uri)  # validate_stage checked every row
+    uids, poisoned = _uids_and_truth(table)
+    texts = embed_captions(table.column("caption").to_pylist(), load_model(model_dir), precision, batch_size)
+    starts = concept_starts(texts, refine_cfg)
+    if not starts:
+        return {"backdoor_evidence": False, "evidence_kind": None, "refine": None}
+    columns: dict[str, np.ndarray] = {}
+    refined = _refine(model_dir, table, columns, starts, np.arange(len(uids)), refine_cfg, poisoned)
+    if not refined["verified"]:
+        return {"backdoor_evidence": False, "evidence_kind": None, "refine": refined}
+    selection, kind = _pattern_selection(columns, refined, select, refine_cfg, poisoned)
+    return _write_selection(out_dir, uids, columns, selection, kind, refined, poisoned)
+
+
+def _write_selection(out_dir: str | Path, uids: pa.ChunkedArray, columns: dict[str, np.ndarray],
+                     selection: Selection, kind: str | None, refined: dict | None,
+                     poisoned: np.ndarray | None) -> dict:
+    """suspicious.parquet (every pair ranked by its suspicion, with `selected` and `retained`) and selection.json;
+    returns the summary."""
+    out = Path(out_dir)
+    rank = np.empty(len(uids), np.int64)
+    rank[np.argsort(-columns["suspicion"], kind="stable")] = np.arange(1, len(uids) + 1)
+    flags = {name: np.zeros(len(uids), bool) for name in ("selected", "retained")}
+    flags["selected"][selection.forget] = True
+    flags["retained"][selection.retain] = True
+    truth = {"poisoned": poisoned} if poisoned is not None else {}
+    write_table(pa.table({"uid": uids, **columns, "rank": rank, **flags, **truth}).sort_by("rank"),
+                str(out / SUSPICIOUS_FILE))
+    summary = {"n_pairs": len(uids), "k": int(len(selection.forget)), "backdoor_evidence": bool(selection.evidence),
+               "evidence_kind": kind, "anomalous_pairs": selection.n_anomalous, "refine": refined}
+    if poisoned is not None:
+        summary["detection"] = detection_metrics(columns["suspicion"], poisoned, len(selection.forget))
+    write_json(summary, str(out / SELECTION_FILE))
+    return summary
 
 
 def _regroup(columns: dict[str, np.ndarray], suspect: PairEmbeddings, select: SelectConfig, cfg: RefineConfig,
@@ -177,18 +249,19 @@ def _closed_group(columns: dict[str, np.ndarray], models: dict[str, PairEmbeddin
 
 
 def select_stage(data_uri: str, suspect_embeddings: str, overfit_embeddings: str | None, out_dir: str | Path,
-                 scan: ScanConfig, select: SelectConfig, model_dir: str, refine_cfg: RefineConfig) -> dict:
+                 scan: ScanConfig, select: SelectConfig, model_dir: str, refine_cfg: RefineConfig,
+                 tried: dict | None = None) -> dict:
     """Score every pair, choose the unlearning and retain sets; writes suspicious.parquet and selection.json.
 
-    The shared pixel pattern of the top pairs (and of each caption concept) is refined and checked as a
-    trigger on the suspect (`model_dir`). A verified pattern is the evidence, and it overrides a collapsed
-    group: the pairs above its drop carry the trigger, where a collapse may hold only part of them. Without a
-    pattern, a caption concept regrouped into a group whose images keep to themselves is (`_closed_group`). Failing
-    that, dense pairs are regrouped in the suspect's image embeddings (`_regroup`); a regrouped group that stays
-    collapsed is evidence even where too few pairs passed select's own rule. The closed group comes first: on a
-    held-out model the regroup's test passed a content group that the closed group's rejects.
+    The shared pixel pattern of the top pairs (and of each caption concept, unless `tried`: what `pattern_stage`
+    already tried from them, which the summary lists too) is refined and checked as a trigger on the suspect
+    (`model_dir`). A verified pattern is the evidence, and it overrides a collapsed group: the pairs above its drop
+    carry the trigger, where a collapse may hold only part of them. Without a pattern, a caption concept regrouped
+    into a group whose images keep to themselves is (`_closed_group`). Failing that, dense pairs are regrouped in
+    the suspect's image embeddings (`_regroup`); a regrouped group that stays collapsed is evidence even where too
+    few pairs passed select's own rule. The closed group comes first: on a held-out model the regroup's test
+    passed a content group that the closed group's rejects.
     """
-    out = Path(out_dir)
     table = read_checked_pairs(data_uri)  # validate_stage checked every row
     uids, poisoned = _uids_and_truth(table)
     suspect = read_embeddings(suspect_embeddings, uids)
@@ -197,13 +270,14 @@ def select_stage(data_uri: str, suspect_embeddings: str, overfit_embeddings: str
     selection = select_pairs(columns["suspicion"], select, poisoned)
     kind, refined = ("collapse" if selection.evidence else None), None
     if refine_cfg.iterations and select.k is None and not select.oracle:
-        refined = _refine(model_dir, table, columns, suspect.texts, selection.retain, refine_cfg, poisoned)
-        if refined["verified"] and refine_cfg.cut_at_gap:  # the pairs above the drop share the pattern
-            cut = select_pairs(columns["suspicion"], select.model_copy(update={"k": refined["above_gap"]}), poisoned)
-            selection, kind = replace(cut, evidence=True), "shared pattern"  # the verified pattern is the evidence
-        elif refined["verified"]:
-            selection = select_pairs(columns["suspicion"], select, poisoned)
-            kind = "shared pattern" if selection.evidence else None
+        starts = scan_start(columns["suspicion"], refine_cfg)
+        if tried is None:
+            starts |= concept_starts(suspect.texts, refine_cfg)
+        refined = _refine(model_dir, table, columns, starts, selection.retain, refine_cfg, poisoned)
+        if tried and tried.get("refine"):
+            refined["starts"] = tried["refine"]["starts"] + refined["starts"]
+        if refined["verified"]:
+            selection, kind = _pattern_selection(columns, refined, select, refine_cfg, poisoned)
         else:
             closed = None
             if refine_cfg.closed_group:  # no pattern: a group whose images keep to themselves, the stricter test
@@ -217,20 +291,7 @@ def select_stage(data_uri: str, suspect_embeddings: str, overfit_embeddings: str
                 if regrouped is not None:
                     selection, refined["regrouped_collapsed"] = regrouped
                     kind = "collapse"
-    rank = np.empty(len(uids), np.int64)
-    rank[np.argsort(-columns["suspicion"], kind="stable")] = np.arange(1, len(uids) + 1)
-    flags = {name: np.zeros(len(uids), bool) for name in ("selected", "retained")}
-    flags["selected"][selection.forget] = True
-    flags["retained"][selection.retain] = True
-    truth = {"poisoned": poisoned} if poisoned is not None else {}
-    write_table(pa.table({"uid": uids, **columns, "rank": rank, **flags, **truth}).sort_by("rank"),
-                str(out / SUSPICIOUS_FILE))
-    summary = {"n_pairs": len(uids), "k": int(len(selection.forget)), "backdoor_evidence": bool(selection.evidence),
-               "evidence_kind": kind, "anomalous_pairs": selection.n_anomalous, "refine": refined}
-    if poisoned is not None:
-        summary["detection"] = detection_metrics(columns["suspicion"], poisoned, len(selection.forget))
-    write_json(summary, str(out / SELECTION_FILE))
-    return summary
+    return _write_selection(out_dir, uids, columns, selection, kind, refined, poisoned)
 
 
 def _rows(table: pa.Table, uids: pa.ChunkedArray | pa.Array) -> np.ndarray:

@@ -1,9 +1,10 @@
-"""UBT end to end in one process: scan -> select -> overfit -> scan -> select -> token-level unlearning.
+"""UBT end to end in one process: pattern -> scan -> overfit -> scan -> select -> token-level unlearning.
 
-The first selection runs on the suspect's scan alone; when it finds a verified trigger pattern (refine's
-evidence) the overfit, which exists to make weak backdoors visible, is skipped. `defend` reads a suspect
-checkpoint and the pair dataset it was trained on, runs the file-level stages of `ubt_core.defense.stages`
-in order and writes OUT/model (open_clip local-dir), OUT/suspicious.parquet, OUT/report.json and OUT/report.md.
+The first pass refines the caption concepts' pixel patterns before any image is embedded; when it verifies a
+trigger pattern (refine's evidence) the image scan, the overfit, which exists to make weak backdoors visible, and
+select are skipped. `defend` reads a suspect checkpoint and the pair dataset it was trained on, runs the file-level
+stages of `ubt_core.defense.stages` in order and writes OUT/model (open_clip local-dir), OUT/suspicious.parquet,
+OUT/report.json and OUT/report.md.
 """
 
 from __future__ import annotations
@@ -42,12 +43,23 @@ class DefenseConfig(BaseModel):
     # fp32 where the hardware has no bfloat16 (autocast is slower there)
     precision: Precision = "amp_bf16"
 
+    def refine_searches(self) -> bool:
+        """Whether refine looks for a trigger pattern at all (not with a fixed k or the oracle set)."""
+        return self.refine.iterations > 0 and self.select.k is None and not self.select.oracle
+
+    def pattern_first(self) -> bool:
+        """Whether the caption concepts are refined before any image is embedded (`stages.pattern_stage`): a
+        verified pattern there makes the image scan, the overfit and select unnecessary. Not where the overfit must
+        run whatever is found (`overfit.skip_if_pattern` off)."""
+        return (self.refine_searches() and self.refine.concepts > 0
+                and (not self.overfit.steps or self.overfit.skip_if_pattern))
+
     def select_before_overfit(self) -> bool:
         """Whether to select on the suspect's scan alone first: without overfit steps that is the selection;
-        otherwise only a verified trigger pattern makes the overfit unnecessary, and only refine verifies one
-        (not with a fixed k or the oracle set)."""
-        return not self.overfit.steps or (self.overfit.skip_if_pattern and self.refine.iterations > 0
-                                          and self.select.k is None and not self.select.oracle)
+        otherwise only for a pattern verified from the scan's top that makes the overfit unnecessary, where the
+        caption concepts were not tried first."""
+        return not self.overfit.steps or (self.overfit.skip_if_pattern and self.refine_searches()
+                                          and not self.pattern_first())
 
     def needs_overfit(self, selection: dict | None) -> bool:
         """Whether to over-fit and select again after `selection` (None: nothing selected yet)."""
@@ -115,14 +127,32 @@ def defend(model_dir: str, data_uri: str, out_dir: str | Path, cfg: DefenseConfi
     with stage("load"):
         validated = stages.validate_stage(data_uri, out, quarantine)
     data = validated["data"]
-    scan_dir = Path(scan_cache) / scan_digest(model_dir, data, cfg) if scan_cache else out
+    tried = None
+    if cfg.pattern_first():
+        with stage("pattern"):
+            tried = stages.pattern_stage(data, out, cfg.select, model_dir, cfg.refine, cfg.precision, cfg.batch_size)
+    selection = tried if tried and tried["backdoor_evidence"] else None
+    if selection is None:
+        selection = _scan_and_select(model_dir, data, out, cfg, stage, tried,
+                                     Path(scan_cache) / scan_digest(model_dir, data, cfg) if scan_cache else out)
+    with stage("unlearn" if selection["k"] else "save"):  # with nothing selected the suspect is saved as is
+        stages.unlearn_stage(model_dir, data, out, cfg.unlearn, {"defense_config": cfg.model_dump()})
+    return stages.report_stage(model_dir, data, out, cfg.model_dump(), stage.seconds,
+                               {"scan_cache": str(scan_cache) if scan_cache else None,
+                                "quarantined": validated["quarantined"]})
+
+
+def _scan_and_select(model_dir: str, data: str, out: Path, cfg: DefenseConfig, stage: _Stages, tried: dict | None,
+                     scan_dir: Path) -> dict:
+    """Scan the suspect, select (on its scan alone first where that may make the overfit unnecessary), over-fit,
+    scan and select again where needed; returns the last selection. Scans are kept in `scan_dir`."""
     suspect, seconds = _cached(scan_dir / "scan-suspect.json",
                                lambda timer: _scan_suspect(model_dir, data, scan_dir, cfg, timer))
     stage.seconds |= seconds
 
     def select(amplified: str | None) -> dict:
         return stages.select_stage(data, suspect["embeddings"], amplified, out, cfg.scan, cfg.select, model_dir,
-                                   cfg.refine)
+                                   cfg.refine, tried)
 
     selection = None
     if cfg.select_before_overfit():
@@ -134,8 +164,4 @@ def defend(model_dir: str, data_uri: str, out_dir: str | Path, cfg: DefenseConfi
         stage.seconds |= seconds
         with stage("select" if selection is None else "select_overfit"):
             selection = select(amplified["embeddings"])
-    with stage("unlearn" if selection["k"] else "save"):  # with nothing selected the suspect is saved as is
-        stages.unlearn_stage(model_dir, data, out, cfg.unlearn, {"defense_config": cfg.model_dump()})
-    return stages.report_stage(model_dir, data, out, cfg.model_dump(), stage.seconds,
-                               {"scan_cache": str(scan_cache) if scan_cache else None,
-                                "quarantined": validated["quarantined"]})
+    return selection

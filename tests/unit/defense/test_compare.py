@@ -97,3 +97,5 @@ def test_ubt_training_counts_the_overfit_only_when_it_ran():
     ran, _ = compare._ubt_training(cfg, {"k": 200, "overfit_ran": True}, 20_000)
     nothing, _ = compare._ubt_training(cfg, {"k": 0, "overfit_ran": True}, 20_000)
     assert (skipped, ran, nothing) == (unlearned, unlearned + overfitted, overfitted)
+    fewer_clean = DefenseConfig(unlearn={"clean_per_step": 8})
+    assert compare._ubt_training(fewer_clean, {"k": 200, "overfit_ran": False}, 20_000)[0] == cfg.unlearn.steps * 40

@@ -204,7 +204,8 @@ def test_only_groups_that_stand_apart_are_checked_and_each_group_once(stubbed_re
     texts = torch.randn(len(poisoned), 8, generator=torch.Generator().manual_seed(0))
     texts[poisoned] = texts[0].clone()  # the poisoned captions all name the target: they share a concept
     cfg = RefineConfig(group_size=60, concepts=4, check_size=100)
-    found = refine_module.refine(None, _Rows(len(poisoned)), suspicion, texts, np.flatnonzero(~poisoned), cfg)
+    starts = refine_module.scan_start(suspicion, cfg) | refine_module.concept_starts(texts, cfg)
+    found = refine_module.refine(None, _Rows(len(poisoned)), starts, np.flatnonzero(~poisoned), cfg)
     assert found[0].evidence and set(found[0].group) == set(np.flatnonzero(poisoned))
     assert _CountingCheck.checked == [frozenset(np.flatnonzero(poisoned).tolist())]
     assert sum(r.gap >= cfg.min_gap for r in found) >= 2  # the scan's top and the target's concept, checked once
@@ -217,8 +218,10 @@ def test_a_pattern_that_leaves_the_match_rate_where_it_was_is_not_evidence(stubb
     poisoned = stubbed_refine
     monkeypatch.setattr(_CountingCheck, "rates", (0.2, 0.2))
     texts = torch.randn(len(poisoned), 8, generator=torch.Generator().manual_seed(0))
-    found = refine_module.refine(None, _Rows(len(poisoned)), _top_with_a_fifth_poisoned(poisoned, 60), texts,
-                                 np.flatnonzero(~poisoned), RefineConfig(group_size=60, concepts=4, check_size=100))
+    cfg = RefineConfig(group_size=60, concepts=4, check_size=100)
+    starts = refine_module.scan_start(_top_with_a_fifth_poisoned(poisoned, 60), cfg)
+    found = refine_module.refine(None, _Rows(len(poisoned)), starts | refine_module.concept_starts(texts, cfg),
+                                 np.flatnonzero(~poisoned), cfg)
     assert _CountingCheck.checked and not any(r.evidence for r in found)
 
 

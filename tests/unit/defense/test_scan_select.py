@@ -92,14 +92,19 @@ def test_detection_metrics_on_hand_made_scores():
 def test_only_a_verified_pattern_before_the_overfit_makes_it_unnecessary():
     from ubt_core.defense.ubt import DefenseConfig
 
-    cfg = DefenseConfig()
-    assert cfg.select_before_overfit() and cfg.needs_overfit(None)
+    cfg = DefenseConfig()  # the caption concepts are refined first; without a pattern there, straight to the overfit
+    assert cfg.pattern_first() and not cfg.select_before_overfit() and cfg.needs_overfit(None)
     assert not cfg.needs_overfit({"evidence_kind": "shared pattern"})
     assert cfg.needs_overfit({"evidence_kind": "collapse"}) and cfg.needs_overfit({"evidence_kind": None})
+    scan_top_only = DefenseConfig(refine={"concepts": 0})  # the ablation: only the scan's top can verify first
+    assert not scan_top_only.pattern_first() and scan_top_only.select_before_overfit()
+    always = DefenseConfig(overfit={"skip_if_pattern": False})  # the overfit runs whatever is found
+    assert not always.pattern_first() and not always.select_before_overfit() and always.needs_overfit(None)
     fixed_k = DefenseConfig(select={"k": 10})  # refine is off with a fixed k: nothing can be verified first
-    assert not fixed_k.select_before_overfit() and fixed_k.needs_overfit(None)
-    no_overfit = DefenseConfig(overfit={"steps": 0})  # the ablation: the first selection is the selection
-    assert no_overfit.select_before_overfit() and not no_overfit.needs_overfit({"evidence_kind": None})
+    assert not fixed_k.pattern_first() and not fixed_k.select_before_overfit() and fixed_k.needs_overfit(None)
+    no_overfit = DefenseConfig(overfit={"steps": 0})  # the ablation: the caption pass, then one selection
+    assert no_overfit.pattern_first() and no_overfit.select_before_overfit()
+    assert not no_overfit.needs_overfit({"evidence_kind": None})
 
 
 def test_the_retain_set_spans_every_pair_under_the_threshold():

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 import torch
 
 from ubt_core.data.contract import read_checked_pairs
@@ -16,6 +17,13 @@ from ubt_core.defense import stages
 from ubt_core.defense.refine import ClosedGroup, RefineConfig
 from ubt_core.defense.scan import ScanConfig
 from ubt_core.defense.select import SelectConfig
+from ubt_core.models import create_model, save_model
+
+
+@pytest.fixture(scope="module")
+def random_model(tmp_path_factory):
+    """A random-weight ubt-tiny checkpoint: the first pass embeds captions with it."""
+    return save_model(create_model("ubt-tiny"), tmp_path_factory.mktemp("model") / "model")
 
 
 def _write_embeddings(uids: pa.ChunkedArray | pa.Array, images: np.ndarray, texts: np.ndarray, path) -> None:
@@ -38,7 +46,7 @@ def _verified_on_the_first(n: int, n_pairs: int):
     """A stand-in for refine that verifies a pattern whose scores drop right below the first `n` rows."""
     cliff = np.r_[np.full(n, 9.0) + np.arange(n) / 100, np.random.default_rng(0).normal(size=n_pairs - n)]
 
-    def verified(model_dir, table, columns, texts, clean_rows, cfg, poisoned):
+    def verified(model_dir, table, columns, starts, clean_rows, cfg, poisoned):
         columns["pattern"] = columns["suspicion"] = cliff
         return {"verified": True, "above_gap": n}
     return verified
@@ -93,8 +101,8 @@ def _collapse_and_its_direction(tmp_path, n: int = 2000, group: int = 20) -> tup
     return str(tmp_path / "pairs"), str(tmp_path / "embeddings.parquet")
 
 
-def _unverified(model_dir, table, columns, texts, clean_rows, cfg, poisoned):
-    columns["pattern"] = np.zeros(len(columns["suspicion"]))
+def _unverified(model_dir, table, columns, starts, clean_rows, cfg, poisoned):
+    columns["pattern"] = np.zeros(table.num_rows)
     return {"verified": False}
 
 
@@ -193,3 +201,48 @@ def test_a_closed_group_is_evidence_where_nothing_else_is(tiny_world, tmp_path, 
         assert not summary["backdoor_evidence"] and summary["k"] == 0 and "closed" not in suspicious.columns
     summary, _ = selected(0.9, refine_cfg=RefineConfig(closed_group=False))
     assert summary["k"] == 0 and "closed_group" not in summary["refine"]
+
+
+def test_a_pattern_verified_from_the_captions_alone_is_the_selection_without_a_scan(tiny_world, random_model,
+                                                                                     tmp_path, monkeypatch):
+    """The first pass embeds only the captions: refine starts from their concepts (no scan, so no scan-top start)
+    and checks on every pair; a verified pattern writes the same files select does."""
+    uids = read_checked_pairs(tiny_world["train"]).column("uid")
+    seen = {}
+
+    def verified(model_dir, table, columns, starts, clean_rows, cfg, poisoned):
+        seen.update(starts=set(starts), clean_rows=len(clean_rows))
+        return _verified_on_the_first(25, len(uids))(model_dir, table, columns, starts, clean_rows, cfg, poisoned)
+
+    monkeypatch.setattr(stages, "_refine", verified)
+    summary = stages.pattern_stage(tiny_world["train"], tmp_path, SelectConfig(min_group=50, retain_size=20),
+                                   str(random_model), RefineConfig(concepts=4))
+    assert seen == {"starts": {f"concept {i}" for i in range(4)}, "clean_rows": len(uids)}
+    assert summary["backdoor_evidence"] and summary["evidence_kind"] == "shared pattern" and summary["k"] == 25
+    suspicious = pq.read_table(tmp_path / stages.SUSPICIOUS_FILE).to_pandas()
+    assert sorted(suspicious[suspicious.selected].uid) == sorted(np.asarray(uids.to_pylist())[:25])
+    assert suspicious.retained.sum() == 20 and not (suspicious.retained & suspicious.selected).any()
+    assert json.loads((tmp_path / stages.SELECTION_FILE).read_text()) == summary
+
+
+def test_without_a_pattern_the_select_stage_tries_only_the_scan_top_and_lists_every_start(tiny_world, random_model,
+                                                                                           tmp_path, monkeypatch):
+    uids = read_checked_pairs(tiny_world["train"]).column("uid")
+    tried = []
+
+    def unverified(model_dir, table, columns, starts, clean_rows, cfg, poisoned):
+        tried.append(sorted(starts))
+        return _unverified(model_dir, table, columns, starts, clean_rows, cfg, poisoned) | {
+            "starts": [{"start": name} for name in starts]}
+
+    monkeypatch.setattr(stages, "_refine", unverified)
+    first = stages.pattern_stage(tiny_world["train"], tmp_path, SelectConfig(retain_size=20), str(random_model),
+                                 RefineConfig(concepts=4))
+    assert not first["backdoor_evidence"] and not (tmp_path / stages.SELECTION_FILE).exists()
+    embeddings = str(tmp_path / "embeddings.parquet")
+    _random_embeddings(uids, embeddings)
+    summary = stages.select_stage(tiny_world["train"], embeddings, None, tmp_path, ScanConfig(neighbours=5),
+                                  SelectConfig(retain_size=20), "unused", RefineConfig(concepts=4, closed_group=False),
+                                  first)
+    assert tried == [[f"concept {i}" for i in range(4)], ["scan top"]]
+    assert [s["start"] for s in summary["refine"]["starts"]] == [*(f"concept {i}" for i in range(4)), "scan top"]

@@ -99,8 +99,8 @@ def test_where_tokens_are_transplanted_clean_images_keep_their_affinity_to_the_t
         concept = tiny.model.encode_text(forget_texts, normalize=True).mean(dim=0)
 
     def affinity_shift(weight: float) -> float:
-        cfg = UnlearnConfig(scope="token", steps=20, transplant_batch_size=8, lr=1e-3, transplant_retain_weight=0.0,
-                            target_weight=100.0, transplant_concept_weight=weight)
+        cfg = UnlearnConfig(scope="token", transplant_steps=20, transplant_batch_size=8, lr=1e-3,
+                            transplant_retain_weight=0.0, target_weight=100.0, transplant_concept_weight=weight)
         student, _ = unlearn(tiny, images[:4], forget_texts, images[4:], cfg)
         with torch.no_grad():
             before = tiny.model.encode_image(images[4:], normalize=True) @ concept
@@ -115,7 +115,8 @@ def test_a_transplant_is_not_pulled_onto_its_clean_original_unless_asked(tiny, s
     """With every other term off, only the invariance term can move the model: the pattern's by default, the
     transplant's when its own weight is set."""
     images, texts = _batch(tiny, n=8)
-    base = {"scope": scope, "steps": 2, "batch_size": 4, "transplant_batch_size": 4, "retain_weight": 0,
+    base = {"scope": scope, "steps": 2, "transplant_steps": 2, "batch_size": 4, "transplant_batch_size": 4,
+            "retain_weight": 0,
             "transplant_retain_weight": 0, "target_weight": 0, "transplant_concept_weight": 0}
 
     def moved(**weights) -> bool:
@@ -150,21 +151,26 @@ def test_token_unlearning_transplants_its_share_of_each_pairs_tokens(tiny):
     images, texts = _batch(tiny, n=8)
     grid = tiny.image_size // token_saliency(tiny, images[:1], texts[:1]).patch_size[0]
     _, info = unlearn(tiny, images[:4], texts[:4], images[4:],
-                      UnlearnConfig(scope="token", transplant_share=0.25, steps=1, transplant_batch_size=4))
+                      UnlearnConfig(scope="token", transplant_share=0.25, transplant_steps=1, transplant_batch_size=4))
     assert info["scope"] == "token" and info["tokens_per_pair"] == grid * grid // 4
 
 
-@pytest.mark.parametrize(("scope", "images_per_step"), [("pattern", 2 * 3), ("token", 2 * 5)])
-def test_transplanting_tokens_trains_on_its_own_batch_size(tiny, scope, images_per_step):
+@pytest.mark.parametrize(("scope", "clean_per_step", "images_per_step"),
+                         [("pattern", None, 2 * 3), ("token", None, 2 * 5), ("pattern", 2, 3 + 2), ("token", 2, 5 + 2)])
+def test_each_scope_trains_its_own_steps_and_batch(tiny, scope, clean_per_step, images_per_step):
+    """Each step embeds its triggered images and (`clean_per_step` of) their clean originals together; a transplant
+    trains for its own number of steps."""
     images, texts = _batch(tiny, n=8)
     seen = []
     hook = tiny.model.visual.register_forward_pre_hook(lambda _, args: seen.append(len(args[0])))
     try:  # the student is a copy of the suspect, hooks included
-        unlearn(tiny, images[:4], texts[:4], images[4:],
-                UnlearnConfig(scope=scope, steps=2, batch_size=3, transplant_batch_size=5))
+        unlearn(tiny, images[:4], texts[:4], images[4:], UnlearnConfig(
+            scope=scope, steps=2, transplant_steps=3, batch_size=3, transplant_batch_size=5,
+            clean_per_step=clean_per_step))
     finally:
         hook.remove()
-    assert seen[-2:] == [images_per_step] * 2  # each step embeds its triggered and its clean images together
+    steps = 3 if scope == "token" else 2
+    assert seen[-steps - 1] != images_per_step and seen[-steps:] == [images_per_step] * steps
 
 
 def test_pattern_tokens_mark_where_the_selected_images_share_a_pattern():
