@@ -26,6 +26,7 @@ from ubt_core.defense.ubt import DefenseConfig, defend
 from ubt_core.errors import UbtError
 from ubt_core.eval import evaluate
 from ubt_core.models.checkpoint import CONFIG_NAME
+from ubt_core.provenance import code_version
 
 
 class DefenseBenchConfig(BaseModel):
@@ -62,10 +63,17 @@ def variant_config(override: dict) -> DefenseConfig:
     return DefenseConfig.model_validate(merge_settings(DefenseConfig().model_dump(), override))
 
 
+def defense_dir(work: Path, name: str, cfg: DefenseConfig, model_dir: Path) -> Path:
+    """Where one defense of `model_dir` writes: keyed by the full config and the code version, so that neither a
+    changed default nor a code change is served an older run's result."""
+    key = {"config": cfg.model_dump(), "code": code_version()}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
+    return work / "defense" / f"{name}-{digest}" / model_dir.name
+
+
 def _defended(work: Path, name: str, cfg: DefenseConfig, model_dir: Path, data: Path) -> tuple[Path, dict]:
-    """Run (or reuse) one defense; the output directory is keyed by the full config."""
-    digest = hashlib.sha256(json.dumps(cfg.model_dump(), sort_keys=True).encode()).hexdigest()[:8]
-    out = work / "defense" / f"{name}-{digest}" / model_dir.name
+    """Run (or reuse) one defense (`defense_dir`)."""
+    out = defense_dir(work, name, cfg, model_dir)
     if not (out / "report.json").is_file():
         defend(str(model_dir), str(data), out, cfg, scan_cache=work / "defense" / "scan-cache")
     return out, json.loads((out / "report.json").read_text())
