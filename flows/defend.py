@@ -165,7 +165,8 @@ def _scan_and_select(cfg: RunConfig, tasks: dict, data: str, data_digest: str, s
                      ctx: StageContext) -> dict:
     """Scan the suspect, over-fit, scan and select (on the suspect's scan alone first where that may make the
     overfit unnecessary); returns the last select task's result and adds each stage's seconds to `seconds`."""
-    d, work = cfg.defense, Path(cfg.stage_dir) / "work"
+    d, out = cfg.defense, Path(cfg.stage_dir)
+    work = out / "work"
     suspect = tasks["scan"]("scan_suspect", cfg.model, suspect_digest, data, data_digest,
                             str(work / f"embeddings-suspect-{suspect_digest}-{d.precision}"), d.precision, code, ray,
                             ctx)
@@ -173,7 +174,7 @@ def _scan_and_select(cfg: RunConfig, tasks: dict, data: str, data_digest: str, s
 
     def select_on(stage: str, amplified: str | None) -> dict:
         picked = tasks["select"](stage, cfg.model, suspect_digest, data, data_digest, suspect["value"]["out_uri"],
-                                 amplified, cfg.stage_dir, d.scan, d.select, d.refine, tried, code, ctx)
+                                 amplified, str(out), d.scan, d.select, d.refine, tried, code, ctx)
         seconds[stage] = picked["seconds"]
         return picked
 
