@@ -89,6 +89,11 @@ class UnlearnConfig(BaseModel):
     seed: int = 0
 
 
+def unpatched_per_step(cfg: UnlearnConfig, batch_size: int) -> int:
+    """How many of a step's `batch_size` retain images also go through unpatched (`clean_per_step`, at most all)."""
+    return min(cfg.clean_per_step or batch_size, batch_size)
+
+
 def trainable_parameters(model: torch.nn.Module, portion: Portion) -> list[torch.nn.Parameter]:
     """Freeze everything outside `portion`; returns the parameters that stay trainable."""
     visual = model.visual
@@ -223,7 +228,7 @@ def unlearn(suspect: LoadedModel, forget_images: torch.Tensor, forget_texts: tor
     retain_weight = cfg.transplant_retain_weight if cfg.scope == "token" else cfg.retain_weight
     concept_weight = cfg.transplant_concept_weight if cfg.scope == "token" else 0.0
     batch_size = cfg.transplant_batch_size if cfg.scope == "token" else cfg.batch_size
-    n_clean = min(cfg.clean_per_step or batch_size, batch_size)
+    n_clean = unpatched_per_step(cfg, batch_size)
     steps = cfg.transplant_steps if cfg.scope == "token" else cfg.steps
     invariance_weight = cfg.transplant_invariance_weight if cfg.scope == "token" else cfg.invariance_weight
     params = trainable_parameters(student.model, cfg.portion)
