@@ -31,20 +31,29 @@ def tiny_compare():
 
 @pytest.fixture
 def refine_outcome(monkeypatch) -> dict:
-    """Refine's outcome as a test chooses it: set `verified` in the returned dict. A verified pattern puts the
-    first 6 pairs above a drop; every start is listed."""
+    """Refine's outcome as a test chooses it: set `verified` in the returned dict, or `alike_closure` (the closure of
+    the pixel group among the pairs captioned alike; 0 by default). A verified pattern puts the first 6 pairs above a
+    drop; every start is listed, each with those 6 as its group, and 25 pairs lie along the alike group's direction."""
     import numpy as np
 
     from ubt_core.defense import stages
+    from ubt_core.defense.refine import AlikeGroup, Refinement
 
-    outcome = {"verified": False}
+    outcome = {"verified": False, "alike_closure": 0.0}
 
     def refined(model_dir, table, columns, starts, clean_rows, cfg, poisoned):
         columns["pattern"] = np.r_[np.full(6, 9.0), np.zeros(table.num_rows - 6)]
         if outcome["verified"]:
             columns["suspicion"] = columns["pattern"]
-        return {"verified": outcome["verified"], "above_gap": 6, "gap": 9.0, "trigger_match_rate": 0.5,
-                "clean_match_rate": 0.0, "starts": [{"start": name} for name in starts]}
+        summary = {"verified": outcome["verified"], "above_gap": 6, "gap": 9.0, "trigger_match_rate": 0.5,
+                   "clean_match_rate": 0.0, "starts": [{"start": name} for name in starts]}
+        return summary, [Refinement(columns["pattern"], np.arange(6), None, None, 9.0, 6, name, cfg.min_match_gain)
+                         for name in starts]
+
+    def alike(images, texts, rows, group, start, cfg):
+        scores = np.r_[np.full(25, 9.0), np.zeros(len(rows) - 25)]
+        return AlikeGroup(rows, scores, outcome["alike_closure"], 25, start)
 
     monkeypatch.setattr(stages, "_refine", refined)
+    monkeypatch.setattr(stages, "alike_group", alike)
     return outcome

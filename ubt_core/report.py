@@ -129,7 +129,9 @@ def _overfit_fact(report: dict) -> str:
     if not report["config"]["overfit"]["steps"]:
         return "off (`overfit.steps` = 0)"
     if "scan_suspect" not in report["stage_seconds"]:
-        return "skipped, and the image scan too: the caption concepts gave a verified trigger pattern"
+        found = ("a verified trigger pattern" if report["evidence_kind"] == "shared pattern" else
+                 "a pixel group the model keeps together among the pairs captioned alike")
+        return f"skipped, and the image scan too: the caption concepts gave {found}"
     return "skipped: the suspect's own scan already gave a verified trigger pattern"
 
 

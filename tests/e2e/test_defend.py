@@ -121,3 +121,18 @@ def test_a_pattern_verified_from_the_captions_skips_the_scans_and_the_overfit(su
     assert ran["overfit_ran"] and "pattern" not in ran["stage_seconds"]
     off = defend(*args, tmp_path / "d", variant_config(SMALL | {"overfit": {"steps": 0}}))  # the ablation
     assert not off["overfit_ran"] and "overfit amplification | off" in (tmp_path / "d" / "report.md").read_text()
+
+
+def test_a_pixel_group_kept_together_among_its_captions_skips_the_scans_and_transplants_tokens(suspect, tmp_path,
+                                                                                              refine_outcome):
+    """No pattern, but the group whose captions agree most keeps together among the pairs captioned alike: its members
+    are the selection, unlearned by token transplant (a warp's), with no image scan, overfit or select."""
+    from ubt_core.defense.bench import variant_config
+    from ubt_core.defense.ubt import defend
+
+    refine_outcome["alike_closure"] = 0.9
+    report = defend(str(suspect / "model"), str(suspect / "poisoned"), tmp_path, variant_config(SMALL))
+    assert report["evidence_kind"] == "alike group" and report["k"] == 25 and not report["overfit_ran"]
+    assert set(report["stage_seconds"]) == {"load", "pattern", "unlearn", "report"}
+    assert report["unlearn"]["scope"] == "token" and report["unlearn"]["portion"] == "visual-late"
+    assert "a pixel group the model keeps together" in (tmp_path / "report.md").read_text()

@@ -33,7 +33,7 @@ from ubt_core.data.contract import read_pairs, write_json, write_pairs
 from ubt_core.defense.baselines import NEEDS_CLEAN_SET, BaselineConfig, run_baseline
 from ubt_core.defense.bench import merge_settings, variant_config
 from ubt_core.defense.ubt import DefenseConfig, defend
-from ubt_core.defense.unlearn import unpatched_per_step
+from ubt_core.defense.unlearn import scope_settings, unpatched_per_step
 from ubt_core.eval import evaluate
 from ubt_core.provenance import code_version
 from ubt_core.report import plot_comparison
@@ -82,7 +82,8 @@ def _ubt_training(cfg: DefenseConfig, report: dict, n_pairs: int) -> tuple[int, 
         touched = round(overfit.weak_fraction * n_pairs) + overfit.steps * overfit.normal_per_batch
     if report["k"]:
         # each retain image goes through with the trigger, and `clean_per_step` of them without it too
-        passes += unlearn.steps * (unlearn.batch_size + unpatched_per_step(unlearn, unlearn.batch_size))
+        run = scope_settings(unlearn, report["unlearn"]["scope"])
+        passes += run.steps * (run.batch_size + unpatched_per_step(unlearn, run.batch_size))
         touched += report["k"] + min(cfg.select.retain_size, n_pairs // 2)
     return passes, min(n_pairs, touched)
 

@@ -81,6 +81,14 @@ def embed_captions(captions: list[str], loaded: LoadedModel, precision: Precisio
     return torch.nn.functional.normalize(torch.cat(texts).float(), dim=-1)[torch.from_numpy(position)]
 
 
+def embed_rows(table: pa.Table, rows: np.ndarray, loaded: LoadedModel, precision: Precision = "fp32",
+               batch_size: int = 512) -> PairEmbeddings:
+    """The embeddings of some rows of a contract table (as `embed_batch` computes them), in the order of `rows`."""
+    chosen = table.take(rows).select(list(SCANNED_COLUMNS))
+    return embeddings_of(pa.concat_tables(embed_batch(chosen.slice(start, batch_size), loaded, precision)
+                                          for start in range(0, len(rows), batch_size)))
+
+
 def _autocast(loaded: LoadedModel, precision: Precision):
     return get_autocast(precision, next(loaded.model.parameters()).device.type)()
 

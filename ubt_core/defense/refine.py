@@ -70,6 +70,14 @@ class RefineConfig(BaseModel):
     closure_neighbours: int = Field(100, ge=1)
     min_closure: float = Field(0.85, gt=0, le=1)
     min_closure_gap: float = Field(0.08, ge=0, le=1)
+    # before any scan (`stages.pattern_stage`), where no pattern is verified: the pixel group whose captions agree
+    # most is embedded with the `regroup_contrast` pairs captioned most alike; it is evidence where its images keep
+    # to themselves among those: at least `min_alike_closure` of the `alike_neighbours` nearest images of its
+    # members are members. Warps' pixel groups reached 0.60 - 0.73 on four models, content 0.20 - 0.48 ("A warp
+    # before the scan", docs/algorithm.md)
+    alike_group: bool = True
+    alike_neighbours: int = Field(10, ge=1)
+    min_alike_closure: float = Field(0.55, gt=0, le=1)
     seed: int = 0  # the caption clusters and the check images
 
 
@@ -205,6 +213,49 @@ def closed_group(embeddings: PairEmbeddings, cfg: RefineConfig) -> ClosedGroup |
     apart = [other for other, rows, _, _ in found if len(np.intersect1d(rows, group)) < len(group) / 2]
     share = neighbourhood_share(near, group)
     return ClosedGroup(scores, closure, int((share > 0.5).sum()), f"concept {concept}", max(apart, default=0.0))
+
+
+@dataclass
+class AlikeGroup:
+    rows: np.ndarray  # the dataset rows embedded: the pixel group and the pairs captioned most alike, sorted
+    scores: np.ndarray  # robust z of each of `rows` along the group's direction among them (`regroup`)
+    closure: float  # mean share of the pixel group's nearest images (among `rows`) that are in the group
+    members: int  # rows most of whose nearest images are in the regrouped group: the closed region's size
+    start: str  # the refine start whose pixel group this is
+
+    def is_evidence(self, cfg: RefineConfig) -> bool:
+        return self.closure >= cfg.min_alike_closure
+
+
+def most_coherent(found: list[Refinement], texts: torch.Tensor) -> Refinement:
+    """The refine start whose pixel group's captions agree most (the length of their mean normalised embedding):
+    every poisoned caption names the target, while a group sharing a content feature is captioned variously."""
+    return max(found, key=lambda r: texts[r.group].mean(dim=0).norm().item())
+
+
+def captioned_alike(texts: torch.Tensor, group: np.ndarray, size: int) -> np.ndarray:
+    """`group` and the `size` rows whose captions are nearest its mean caption, sorted."""
+    concept = torch.nn.functional.normalize(texts[group].mean(dim=0), dim=0)
+    return np.union1d(top_rows((texts @ concept).numpy(), size), group)
+
+
+def alike_group(images: torch.Tensor, texts: torch.Tensor, rows: np.ndarray, group: np.ndarray, start: str,
+                cfg: RefineConfig) -> AlikeGroup:
+    """How far a pixel group's images keep to themselves in a model's embeddings of the pairs captioned alike
+    (`rows`, from `captioned_alike`; `images`, `texts` are theirs, in that order), and its pairs regrouped there.
+
+    A faint feature shared by the trigger's images (a warp's) leads the pixel filter to most of them, with no drop to
+    tell it from content. The model tells them apart: it has learned to read every one of them as the target, so
+    among the pairs captioned like them (the target's genuine images and the poisoned ones) they are each other's
+    nearest neighbours, whatever they show; a content feature's images share their neighbourhood with the rest of
+    their content. Regrouped among those pairs (against them), the group's direction also ranks the trigger's
+    images the pixels missed."""
+    local = np.searchsorted(rows, group)
+    near = nearest_rows(images, cfg.alike_neighbours)
+    closure = float(neighbourhood_share(near, local)[local].mean())
+    scores = regroup(images, texts, local, cfg)
+    members = int((neighbourhood_share(near, top_rows(scores, cfg.group_size)) > 0.5).sum())
+    return AlikeGroup(rows, scores, closure, members, start)
 
 
 def largest_gap(scores: np.ndarray, ranks: tuple[int, int]) -> tuple[float, int]:

@@ -41,14 +41,18 @@ from ubt_core.defense.embed import (
     Precision,
     embed_batch,
     embed_captions,
+    embed_rows,
     read_embeddings,
 )
 from ubt_core.defense.overfit import OverfitConfig, overfit
 from ubt_core.defense.refine import (
     RefineConfig,
     Refinement,
+    alike_group,
+    captioned_alike,
     closed_group,
     concept_starts,
+    most_coherent,
     refine,
     regroup,
     scan_start,
@@ -58,7 +62,7 @@ from ubt_core.defense.scan import ScanConfig, scan_scores
 from ubt_core.defense.select import SelectConfig, Selection, select_pairs
 from ubt_core.defense.unlearn import UnlearnConfig, resolved_scope, unlearn
 from ubt_core.eval.detection import detection_metrics
-from ubt_core.models import load_model, save_model
+from ubt_core.models import LoadedModel, load_model, save_model
 from ubt_core.report import write_defense_report, write_model_card
 from ubt_core.train import PairDataset
 
@@ -134,9 +138,9 @@ def _refinement_summary(found: Refinement, poisoned: np.ndarray | None) -> dict:
 
 
 def _refine(model_dir: str, table: pa.Table, columns: dict[str, np.ndarray], starts: dict[str, np.ndarray],
-            clean_rows: np.ndarray, cfg: RefineConfig, poisoned: np.ndarray | None) -> dict:
+            clean_rows: np.ndarray, cfg: RefineConfig, poisoned: np.ndarray | None) -> tuple[dict, list[Refinement]]:
     """Adds the `pattern` column; a verified pattern's scores become the suspicion. Returns what it found,
-    with every start's group."""
+    with every start's group, and the groups themselves."""
     suspect = load_model(model_dir)
     tried = refine(suspect, PairDataset(table, suspect), starts, clean_rows, cfg)
     found = tried[0]
@@ -144,7 +148,30 @@ def _refine(model_dir: str, table: pa.Table, columns: dict[str, np.ndarray], sta
     if found.evidence:
         columns["suspicion"] = found.scores
     return _refinement_summary(found, poisoned) | {"group_size": len(found.group),
-                                                   "starts": [_refinement_summary(r, poisoned) for r in tried]}
+                                                   "starts": [_refinement_summary(r, poisoned) for r in tried]}, tried
+
+
+def _alike_group(suspect: LoadedModel, table: pa.Table, texts: torch.Tensor, tried: list[Refinement],
+                 columns: dict[str, np.ndarray], select: SelectConfig, cfg: RefineConfig, precision: Precision,
+                 batch_size: int, poisoned: np.ndarray | None) -> tuple[Selection | None, dict]:
+    """The pixel group whose captions agree most, embedded with the pairs captioned most alike (`alike_group`);
+    where its images keep to themselves there and select's evidence holds on its direction's scores, those become
+    the `alike` column and the suspicion (the pairs not embedded, captioned unlike the group, rank below all of
+    them), and the pairs most of whose nearest images are in the regrouped group are unlearned, most suspicious
+    first. Returns the selection (None: columns untouched) and what the report shows."""
+    start = most_coherent(tried, texts)
+    rows = captioned_alike(texts, start.group, cfg.regroup_contrast)
+    embedded = embed_rows(table, rows, suspect, precision, batch_size)
+    found = alike_group(embedded.images, embedded.texts, rows, start.group, start.start, cfg)
+    scores = np.full(len(texts), found.scores.min(), np.float32)
+    scores[rows] = found.scores
+    summary = {"start": found.start, "closure": round(found.closure, 3), "embedded": len(rows),
+               "members": found.members,
+               **({"poisoned_in_group": int(poisoned[start.group].sum())} if poisoned is not None else {})}
+    if not found.is_evidence(cfg) or not select_pairs(scores, select, poisoned).evidence:
+        return None, summary
+    columns["alike"] = columns["suspicion"] = scores
+    return select_pairs(scores, select.model_copy(update={"k": found.members}), poisoned), summary
 
 
 def _pattern_selection(columns: dict[str, np.ndarray], refined: dict, select: SelectConfig, cfg: RefineConfig,
@@ -170,16 +197,22 @@ def pattern_stage(data_uri: str, out_dir: str | Path, select: SelectConfig, mode
     """
     table = read_checked_pairs(data_uri)  # validate_stage checked every row
     uids, poisoned = _uids_and_truth(table)
-    texts = embed_captions(table.column("caption").to_pylist(), load_model(model_dir), precision, batch_size)
+    suspect = load_model(model_dir)
+    texts = embed_captions(table.column("caption").to_pylist(), suspect, precision, batch_size)
     starts = concept_starts(texts, refine_cfg)
     if not starts:
         return {"backdoor_evidence": False, "evidence_kind": None, "refine": None}
     columns: dict[str, np.ndarray] = {}
-    refined = _refine(model_dir, table, columns, starts, np.arange(len(uids)), refine_cfg, poisoned)
-    if not refined["verified"]:
-        return {"backdoor_evidence": False, "evidence_kind": None, "refine": refined}
-    selection, kind = _pattern_selection(columns, refined, select, refine_cfg, poisoned)
-    return _write_selection(out_dir, uids, columns, selection, kind, refined, poisoned)
+    refined, tried = _refine(model_dir, table, columns, starts, np.arange(len(uids)), refine_cfg, poisoned)
+    if refined["verified"]:
+        selection, kind = _pattern_selection(columns, refined, select, refine_cfg, poisoned)
+        return _write_selection(out_dir, uids, columns, selection, kind, refined, poisoned)
+    if refine_cfg.alike_group:  # no pattern: the group whose captions agree most, if the model keeps it together
+        selection, refined["alike_group"] = _alike_group(suspect, table, texts, tried, columns, select, refine_cfg,
+                                                         precision, batch_size, poisoned)
+        if selection is not None:
+            return _write_selection(out_dir, uids, columns, selection, "alike group", refined, poisoned)
+    return {"backdoor_evidence": False, "evidence_kind": None, "refine": refined}
 
 
 def _write_selection(out_dir: str | Path, uids: pa.ChunkedArray, columns: dict[str, np.ndarray],
@@ -273,7 +306,7 @@ def select_stage(data_uri: str, suspect_embeddings: str, overfit_embeddings: str
         starts = scan_start(columns["suspicion"], refine_cfg)
         if tried is None:
             starts |= concept_starts(suspect.texts, refine_cfg)
-        refined = _refine(model_dir, table, columns, starts, selection.retain, refine_cfg, poisoned)
+        refined, _ = _refine(model_dir, table, columns, starts, selection.retain, refine_cfg, poisoned)
         if tried and tried.get("refine"):
             refined["starts"] = tried["refine"]["starts"] + refined["starts"]
         if refined["verified"]:
@@ -357,6 +390,12 @@ def _verdict(selection: dict) -> str:
                 f"the nearest images of the {refined['group_size']} pairs furthest along their direction are among "
                 f"them ({closed['next_closure']:.0%} for any other caption concept's group; {closed['model']} model; "
                 f"no pixel pattern or collapse explains them); {k} pairs along it unlearned")
+    if evidence and selection.get("evidence_kind") == "alike group":
+        alike = refined["alike_group"]
+        return (f"backdoor evidence: images that share a faint pixel feature and whose captions agree keep to "
+                f"themselves among the {alike['embedded']} pairs captioned alike: {alike['closure']:.0%} of their "
+                f"nearest images are among them (no pixel pattern stands apart; {alike['start']}); {k} pairs "
+                f"along their direction unlearned")
     if evidence:
         return f"backdoor evidence: a group of pairs whose images collapse onto one point; {k} pairs unlearned"
     found = "no strong backdoor evidence: no anomalous group of pairs"

@@ -55,8 +55,14 @@ class UnlearnConfig(BaseModel):
     # unlearning steps", docs/algorithm.md); 300 steps at 30 cost fine-tuned Blended 1.1 points of CA ("Steps and
     # retain weight")
     steps: int = Field(100, ge=1)
-    # the steps where tokens are transplanted: the scrambling WaNet's CA was measured at 150 ("Unlearning a warp")
-    transplant_steps: int = Field(150, ge=1)
+    # where tokens are transplanted: 75 steps at lr 2e-4 on the late half of the vision tower with target weight 20
+    # (150 at 1e-4 on the whole tower and 10 until 2026-12-07) unlearned the scrambling WaNet on two worlds, in both
+    # settings, to ASR 0.004 or less at 0 - 0.5 points more CA lost, in 40 % of the time ("A warp in 30 %",
+    # docs/algorithm.md)
+    transplant_steps: int = Field(75, ge=1)
+    transplant_lr: float = Field(2e-4, gt=0)
+    transplant_portion: Portion = "visual-late"
+    transplant_target_weight: float = Field(20.0, ge=0)
     lr: float = Field(1e-4, gt=0)
     batch_size: int = Field(32, ge=2)  # retain images per step (each also gets a patched copy)
     # of those, how many also go through unpatched to be kept in place (None: all); the patched copies are what
@@ -87,6 +93,29 @@ class UnlearnConfig(BaseModel):
     # not need it ("Keeping the target class", docs/algorithm.md)
     transplant_concept_weight: float = Field(30.0, ge=0)
     seed: int = 0
+
+
+@dataclass(frozen=True)
+class ScopeSettings:
+    """How one resolved scope trains: a transplant's own settings, or the common ones."""
+    steps: int
+    batch_size: int
+    lr: float
+    portion: Portion
+    retain_weight: float
+    target_weight: float
+    invariance_weight: float
+    concept_weight: float
+
+
+def scope_settings(cfg: UnlearnConfig, scope: str) -> ScopeSettings:
+    """The settings `scope` trains with: the `transplant_*` ones where tokens are transplanted."""
+    if scope == "token":
+        return ScopeSettings(cfg.transplant_steps, cfg.transplant_batch_size, cfg.transplant_lr, cfg.transplant_portion,
+                             cfg.transplant_retain_weight, cfg.transplant_target_weight,
+                             cfg.transplant_invariance_weight, cfg.transplant_concept_weight)
+    return ScopeSettings(cfg.steps, cfg.batch_size, cfg.lr, cfg.portion, cfg.retain_weight, cfg.target_weight,
+                         cfg.invariance_weight, 0.0)
 
 
 def unpatched_per_step(cfg: UnlearnConfig, batch_size: int) -> int:
@@ -192,11 +221,12 @@ def shared_pattern(forget: torch.Tensor, retain: torch.Tensor, patch_size: tuple
 
 def resolved_scope(scope: str, selection: dict) -> str:
     """The unlearning scope for a selection (select's summary): `auto` is the shared pattern, unless the pairs
-    were selected by their collapse or as a closed group after refine found no pattern they share; then each
-    pair's tokens."""
+    were selected by their collapse or as a closed or alike group after refine found no pattern they share; then
+    each pair's tokens."""
     if scope != "auto":
         return scope
-    unexplained = selection.get("evidence_kind") in ("collapse", "closed group") and selection.get("refine")
+    unexplained = (selection.get("evidence_kind") in ("collapse", "closed group", "alike group")
+                   and selection.get("refine"))
     return "token" if unexplained else "pattern"
 
 
@@ -225,25 +255,22 @@ def unlearn(suspect: LoadedModel, forget_images: torch.Tensor, forget_texts: tor
             trigger = shared_pattern(forget_images, retain_images, saliency.patch_size, cfg.pattern_z,
                                      cfg.trigger_model == "affine")
             info |= {"pattern_tokens": int(trigger.token_mask.sum()), "pattern": trigger.pattern}
-    retain_weight = cfg.transplant_retain_weight if cfg.scope == "token" else cfg.retain_weight
-    concept_weight = cfg.transplant_concept_weight if cfg.scope == "token" else 0.0
-    batch_size = cfg.transplant_batch_size if cfg.scope == "token" else cfg.batch_size
+    run = scope_settings(cfg, cfg.scope)
+    batch_size = run.batch_size
     n_clean = unpatched_per_step(cfg, batch_size)
-    steps = cfg.transplant_steps if cfg.scope == "token" else cfg.steps
-    invariance_weight = cfg.transplant_invariance_weight if cfg.scope == "token" else cfg.invariance_weight
-    params = trainable_parameters(student.model, cfg.portion)
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    params = trainable_parameters(student.model, run.portion)
+    optimizer = torch.optim.AdamW(params, lr=run.lr, weight_decay=0.0)
     clip_loss = ClipLoss()
     gen = torch.Generator().manual_seed(cfg.seed)
     student.model.train()
-    for _ in tqdm(range(steps), desc=f"unlearn ({cfg.scope})", unit="step", mininterval=2.0):
+    for _ in tqdm(range(run.steps), desc=f"unlearn ({cfg.scope})", unit="step", mininterval=2.0):
         rows = torch.randint(len(retain_images), (batch_size,), generator=gen)
         clean, target, affinity = retain_images[rows], retain_targets[rows], clean_affinity[rows]
         donors = torch.randint(len(forget_images), (batch_size,), generator=gen)
         if cfg.scope == "full":
             forget = student.model(forget_images[donors], forget_texts[donors])
             retained = student.model.encode_image(clean, normalize=True)
-            loss = -clip_loss(*forget[:3]) + retain_weight * _cosine_distance(retained, target)
+            loss = -clip_loss(*forget[:3]) + run.retain_weight * _cosine_distance(retained, target)
         else:
             if cfg.scope == "token":
                 patched = torch.where(masks[donors], forget_images[donors], clean)
@@ -253,10 +280,10 @@ def unlearn(suspect: LoadedModel, forget_images: torch.Tensor, forget_texts: tor
             embedded = student.model.encode_image(torch.cat([patched, clean[:n_clean]]), normalize=True)
             triggered = embedded[:len(clean)]
             retained = embedded[len(clean):]
-            loss = invariance_weight * _cosine_distance(triggered, target)
-            loss = loss + retain_weight * _cosine_distance(retained, target[:n_clean])
-            loss = loss + cfg.target_weight * torch.relu(triggered @ concept - affinity).mean()
-            loss = loss + concept_weight * (retained @ concept - affinity[:n_clean]).abs().mean()
+            loss = run.invariance_weight * _cosine_distance(triggered, target)
+            loss = loss + run.retain_weight * _cosine_distance(retained, target[:n_clean])
+            loss = loss + run.target_weight * torch.relu(triggered @ concept - affinity).mean()
+            loss = loss + run.concept_weight * (retained @ concept - affinity[:n_clean]).abs().mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -264,6 +291,6 @@ def unlearn(suspect: LoadedModel, forget_images: torch.Tensor, forget_texts: tor
     for p in student.model.parameters():
         p.requires_grad_(True)
     n_params = sum(p.numel() for p in params)
-    info |= {"portion": cfg.portion, "trainable_parameters": n_params,
+    info |= {"portion": run.portion, "trainable_parameters": n_params,
              "trainable_fraction": n_params / sum(p.numel() for p in student.model.parameters())}
     return student, info

@@ -93,9 +93,14 @@ def test_ubt_training_counts_the_overfit_only_when_it_ran():
     cfg = DefenseConfig()
     unlearned = cfg.unlearn.steps * cfg.unlearn.batch_size * 2
     overfitted = cfg.overfit.steps * (cfg.overfit.weak_per_batch + cfg.overfit.normal_per_batch)
-    skipped, _ = compare._ubt_training(cfg, {"k": 200, "overfit_ran": False}, 20_000)
-    ran, _ = compare._ubt_training(cfg, {"k": 200, "overfit_ran": True}, 20_000)
-    nothing, _ = compare._ubt_training(cfg, {"k": 0, "overfit_ran": True}, 20_000)
+    pattern = {"scope": "pattern"}
+    skipped, _ = compare._ubt_training(cfg, {"k": 200, "overfit_ran": False, "unlearn": pattern}, 20_000)
+    ran, _ = compare._ubt_training(cfg, {"k": 200, "overfit_ran": True, "unlearn": pattern}, 20_000)
+    nothing, _ = compare._ubt_training(cfg, {"k": 0, "overfit_ran": True, "unlearn": {}}, 20_000)
     assert (skipped, ran, nothing) == (unlearned, unlearned + overfitted, overfitted)
     fewer_clean = DefenseConfig(unlearn={"clean_per_step": 8})
-    assert compare._ubt_training(fewer_clean, {"k": 200, "overfit_ran": False}, 20_000)[0] == cfg.unlearn.steps * 40
+    assert compare._ubt_training(fewer_clean, {"k": 200, "overfit_ran": False, "unlearn": pattern},
+                                 20_000)[0] == cfg.unlearn.steps * 40
+    transplanted, _ = compare._ubt_training(cfg, {"k": 200, "overfit_ran": False, "unlearn": {"scope": "token"}},
+                                            20_000)
+    assert transplanted == cfg.unlearn.transplant_steps * cfg.unlearn.transplant_batch_size * 2

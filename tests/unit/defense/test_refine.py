@@ -10,10 +10,14 @@ from ubt_core.defense.embed import PairEmbeddings
 from ubt_core.defense.refine import (
     MatchedFilter,
     RefineConfig,
+    Refinement,
     TriggerCheck,
+    alike_group,
+    captioned_alike,
     closed_group,
     concept_groups,
     largest_gap,
+    most_coherent,
     top_rows,
 )
 from ubt_core.models import LoadedModel
@@ -255,3 +259,51 @@ def test_a_closed_group_that_does_not_stand_apart_is_no_evidence():
     found = closed_group(_concepts_and_closed_regions(closed=2), cfg)
     assert found.closure >= 0.9 and found.next_closure >= 0.9
     assert not found.is_evidence(cfg)
+
+
+def _captioned_alike_pool(n=1200, n_triggered=110, pixel_group=100, gen_seed=0):
+    """Pairs all captioned alike (the target's genuine images in 4 content clusters, and triggered images); the
+    triggered images lie together in a region of their own, whatever they show. Returns the image embeddings, the
+    caption embeddings, the triggered rows' mask, and two pixel groups of `pixel_group` rows: the trigger's (nine
+    tenths triggered, a tenth genuine images the pixels confused; 20 triggered rows missed) and a content
+    feature's (a third of one content cluster)."""
+    gen = torch.Generator().manual_seed(gen_seed)
+    content = torch.arange(n) % 4
+    images = 3 * torch.randn(4, 16, generator=gen)[content] + torch.randn(n, 16, generator=gen)
+    triggered = np.zeros(n, bool)
+    triggered[:n_triggered] = True
+    images[:n_triggered] = 0.3 * images[:n_triggered] + 3 * torch.nn.functional.one_hot(torch.tensor(15), 16)
+    texts = torch.randn(16, generator=gen) + 0.1 * torch.randn(n, 16, generator=gen)
+    trigger_group = np.r_[np.arange(9 * pixel_group // 10), n_triggered + np.arange(pixel_group // 10)]
+    content_group = np.flatnonzero((content.numpy() == 1) & ~triggered)[:pixel_group]
+    unit = [torch.nn.functional.normalize(rows, dim=1) for rows in (images, texts)]
+    return *unit, triggered, trigger_group, content_group
+
+
+def test_a_pixel_group_the_model_keeps_together_among_its_captions_is_evidence():
+    """The trigger's pixel group keeps to itself among the pairs captioned alike, and regrouped there its direction
+    also ranks the triggered images the pixels missed; a content feature's group shares its neighbourhood with the
+    rest of its content."""
+    images, texts, triggered, trigger_group, content_group = _captioned_alike_pool()
+    cfg = RefineConfig(group_size=100, alike_neighbours=10)
+    rows = np.arange(len(images))
+    found = alike_group(images, texts, rows, trigger_group, "concept 3", cfg)
+    assert found.closure >= 0.6 and found.is_evidence(cfg) and found.start == "concept 3"
+    assert 100 <= found.members <= 125  # the triggered region: the group's 90 and the 20 the pixels missed
+    assert triggered[top_rows(found.scores, found.members)].mean() >= 0.9
+    content = alike_group(images, texts, rows, content_group, "concept 5", cfg)
+    assert content.closure < 0.5 and not content.is_evidence(cfg)
+
+
+def test_the_group_whose_captions_agree_most_is_checked_with_the_pairs_captioned_alike():
+    gen = torch.Generator().manual_seed(0)
+    concept = torch.arange(600) % 6
+    texts = torch.nn.functional.normalize(3 * torch.randn(6, 16, generator=gen)[concept]
+                                          + torch.randn(600, 16, generator=gen), dim=1)
+    one_concept, mixed = np.flatnonzero(concept.numpy() == 2)[:40], np.arange(40)
+    found = [Refinement(np.zeros(600), group, None, None, 0.5, 30, name, 0.05)
+             for group, name in ((mixed, "concept 0"), (one_concept, "concept 2"))]
+    assert most_coherent(found, texts).start == "concept 2"
+    alike = captioned_alike(texts, one_concept, 60)
+    assert set(one_concept) <= set(alike) and 60 <= len(alike) <= 100  # the group, and the 60 nearest its captions
+    assert (concept.numpy()[alike] == 2).all() and (np.diff(alike) > 0).all()

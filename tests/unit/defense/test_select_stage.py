@@ -14,7 +14,7 @@ import torch
 
 from ubt_core.data.contract import read_checked_pairs
 from ubt_core.defense import stages
-from ubt_core.defense.refine import ClosedGroup, RefineConfig
+from ubt_core.defense.refine import AlikeGroup, ClosedGroup, RefineConfig, Refinement
 from ubt_core.defense.scan import ScanConfig
 from ubt_core.defense.select import SelectConfig
 from ubt_core.models import create_model, save_model
@@ -48,7 +48,7 @@ def _verified_on_the_first(n: int, n_pairs: int):
 
     def verified(model_dir, table, columns, starts, clean_rows, cfg, poisoned):
         columns["pattern"] = columns["suspicion"] = cliff
-        return {"verified": True, "above_gap": n}
+        return {"verified": True, "above_gap": n}, []
     return verified
 
 
@@ -103,7 +103,7 @@ def _collapse_and_its_direction(tmp_path, n: int = 2000, group: int = 20) -> tup
 
 def _unverified(model_dir, table, columns, starts, clean_rows, cfg, poisoned):
     columns["pattern"] = np.zeros(table.num_rows)
-    return {"verified": False}
+    return {"verified": False}, []
 
 
 def test_a_collapse_no_pattern_explains_is_regrouped_along_its_direction(tmp_path, monkeypatch):
@@ -232,12 +232,12 @@ def test_without_a_pattern_the_select_stage_tries_only_the_scan_top_and_lists_ev
 
     def unverified(model_dir, table, columns, starts, clean_rows, cfg, poisoned):
         tried.append(sorted(starts))
-        return _unverified(model_dir, table, columns, starts, clean_rows, cfg, poisoned) | {
-            "starts": [{"start": name} for name in starts]}
+        summary, found = _unverified(model_dir, table, columns, starts, clean_rows, cfg, poisoned)
+        return summary | {"starts": [{"start": name} for name in starts]}, found
 
     monkeypatch.setattr(stages, "_refine", unverified)
     first = stages.pattern_stage(tiny_world["train"], tmp_path, SelectConfig(retain_size=20), str(random_model),
-                                 RefineConfig(concepts=4))
+                                 RefineConfig(concepts=4, alike_group=False))
     assert not first["backdoor_evidence"] and not (tmp_path / stages.SELECTION_FILE).exists()
     embeddings = str(tmp_path / "embeddings.parquet")
     _random_embeddings(uids, embeddings)
@@ -246,3 +246,49 @@ def test_without_a_pattern_the_select_stage_tries_only_the_scan_top_and_lists_ev
                                   first)
     assert tried == [[f"concept {i}" for i in range(4)], ["scan top"]]
     assert [s["start"] for s in summary["refine"]["starts"]] == [*(f"concept {i}" for i in range(4)), "scan top"]
+
+
+def test_a_pixel_group_kept_together_among_its_captions_is_the_selection_without_a_scan(tiny_world, random_model,
+                                                                                       tmp_path, monkeypatch):
+    """No pattern verified from the captions: the group whose captions agree most is embedded with the pairs captioned
+    alike, and where the model keeps it together (`AlikeGroup.is_evidence`) and select's evidence holds on its
+    direction's scores, its members are unlearned with no scan; otherwise nothing is written."""
+    uids = read_checked_pairs(tiny_world["train"]).column("uid")
+    n = len(uids)
+    groups = {"concept 0": np.arange(10), "concept 1": np.arange(10, 20)}
+    checked = []
+
+    def unverified(model_dir, table, columns, starts, clean_rows, cfg, poisoned):
+        columns["pattern"] = np.zeros(n)
+        tried = [Refinement(np.zeros(n), group, None, None, 0.5, 30, name, cfg.min_match_gain)
+                 for name, group in groups.items()]
+        return {"verified": False}, tried
+
+    def alike(closure):
+        def found(images, texts, rows, group, start, cfg):
+            checked.append((len(images), len(rows), start))
+            scores = np.r_[np.full(25, 9.0), np.random.default_rng(0).normal(scale=0.5, size=len(rows) - 25)]
+            return AlikeGroup(rows, scores, closure, 22, start)
+        return found
+
+    monkeypatch.setattr(stages, "_refine", unverified)
+    monkeypatch.setattr(stages, "most_coherent", lambda tried, texts: tried[1])
+    monkeypatch.setattr(stages, "alike_group", alike(0.7))
+    select = SelectConfig(min_group=10, retain_size=20)
+    summary = stages.pattern_stage(tiny_world["train"], tmp_path, select, str(random_model), RefineConfig(concepts=2))
+    assert checked == [(n, n, "concept 1")]  # 80 pairs: every one is among the 2,000 captioned most alike
+    assert summary["backdoor_evidence"] and summary["evidence_kind"] == "alike group" and summary["k"] == 22
+    assert summary["refine"]["alike_group"] == {"start": "concept 1", "closure": 0.7, "embedded": n, "members": 22}
+    suspicious = pq.read_table(tmp_path / stages.SUSPICIOUS_FILE).to_pandas()
+    assert set(suspicious[suspicious.selected].uid) <= set(uids.to_pylist()[:25])
+    assert (suspicious.alike == suspicious.suspicion).all() and not (suspicious.retained & suspicious.selected).any()
+    assert "keep to themselves" in stages._verdict(summary)
+
+    (tmp_path / stages.SELECTION_FILE).unlink()
+    monkeypatch.setattr(stages, "alike_group", alike(0.5))
+    summary = stages.pattern_stage(tiny_world["train"], tmp_path, select, str(random_model), RefineConfig(concepts=2))
+    assert not summary["backdoor_evidence"] and summary["refine"]["alike_group"]["closure"] == 0.5
+    assert not (tmp_path / stages.SELECTION_FILE).exists()
+    summary = stages.pattern_stage(tiny_world["train"], tmp_path, select, str(random_model),
+                                   RefineConfig(concepts=2, alike_group=False))
+    assert not summary["backdoor_evidence"] and "alike_group" not in summary["refine"] and len(checked) == 2

@@ -116,8 +116,8 @@ def test_a_transplant_is_not_pulled_onto_its_clean_original_unless_asked(tiny, s
     transplant's when its own weight is set."""
     images, texts = _batch(tiny, n=8)
     base = {"scope": scope, "steps": 2, "transplant_steps": 2, "batch_size": 4, "transplant_batch_size": 4,
-            "retain_weight": 0,
-            "transplant_retain_weight": 0, "target_weight": 0, "transplant_concept_weight": 0}
+            "retain_weight": 0, "transplant_retain_weight": 0, "target_weight": 0, "transplant_target_weight": 0,
+            "transplant_concept_weight": 0}
 
     def moved(**weights) -> bool:
         student, _ = unlearn(tiny, images[:4], texts[:4], images[4:], UnlearnConfig(**base, **weights))
@@ -140,6 +140,7 @@ def test_sample_level_unlearning_runs_without_saliency(tiny):
 def test_auto_scope_transplants_tokens_only_where_refine_found_no_shared_pattern(tiny):
     assert resolved_scope("auto", {"evidence_kind": "shared pattern", "refine": {"verified": True}}) == "pattern"
     assert resolved_scope("auto", {"evidence_kind": "collapse", "refine": {"verified": False}}) == "token"
+    assert resolved_scope("auto", {"evidence_kind": "alike group", "refine": {"verified": False}}) == "token"
     assert resolved_scope("auto", {"evidence_kind": "collapse", "refine": None}) == "pattern"  # refine never looked
     assert resolved_scope("token", {"evidence_kind": "shared pattern", "refine": {"verified": True}}) == "token"
     images, texts = _batch(tiny, n=8)
@@ -171,6 +172,19 @@ def test_each_scope_trains_its_own_steps_and_batch(tiny, scope, clean_per_step, 
         hook.remove()
     steps = 3 if scope == "token" else 2
     assert seen[-steps - 1] != images_per_step and seen[-steps:] == [images_per_step] * steps
+
+
+def test_a_transplant_trains_its_own_portion_and_learning_rate(tiny):
+    images, texts = _batch(tiny, n=8)
+    cfg = UnlearnConfig(steps=1, transplant_steps=1, batch_size=2, transplant_batch_size=2, portion="visual",
+                        transplant_portion="visual-late", lr=1e-4, transplant_lr=5e-3)
+    moved = {}
+    for scope in ("pattern", "token"):
+        student, info = unlearn(tiny, images[:4], texts[:4], images[4:], cfg.model_copy(update={"scope": scope}))
+        moved[scope] = max((a - b).abs().max().item() for a, b in zip(student.model.visual.parameters(),
+                                                                      tiny.model.visual.parameters(), strict=True))
+        assert info["portion"] == ("visual-late" if scope == "token" else "visual")
+    assert moved["token"] > 10 * moved["pattern"]  # one Adam step moves a weight by about the learning rate
 
 
 def test_pattern_tokens_mark_where_the_selected_images_share_a_pattern():
