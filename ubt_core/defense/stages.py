@@ -192,8 +192,10 @@ def pattern_stage(data_uri: str, out_dir: str | Path, select: SelectConfig, mode
     clean from suspect yet; a few poisoned ones among 500 move the patched and the unpatched rate alike).
 
     A verified pattern is the evidence, as in the select stage: writes suspicious.parquet and selection.json and
-    returns select's summary; the image scan, the overfit and select are not needed. Otherwise writes nothing and
-    returns `backdoor_evidence` False with what was tried (`refine`, to pass to `select_stage` as `tried`).
+    returns select's summary; the image scan, the overfit and select are not needed. Without one, the pixel group
+    whose captions agree most is checked among the pairs captioned alike (`_alike_group`, a warp's); where the model
+    keeps it together, that is the evidence. Otherwise writes nothing and returns `backdoor_evidence` False with what
+    was tried (`refine`, to pass to `select_stage` as `tried`).
     """
     table = read_checked_pairs(data_uri)  # validate_stage checked every row
     uids, poisoned = _uids_and_truth(table)
@@ -309,6 +311,8 @@ def select_stage(data_uri: str, suspect_embeddings: str, overfit_embeddings: str
         refined, _ = _refine(model_dir, table, columns, starts, selection.retain, refine_cfg, poisoned)
         if tried and tried.get("refine"):
             refined["starts"] = tried["refine"]["starts"] + refined["starts"]
+            if "alike_group" in tried["refine"]:  # what the first pass's alike group check saw, for the report
+                refined["alike_group"] = tried["refine"]["alike_group"]
         if refined["verified"]:
             selection, kind = _pattern_selection(columns, refined, select, refine_cfg, poisoned)
         else:

@@ -262,7 +262,7 @@ def test_a_pixel_group_kept_together_among_its_captions_is_the_selection_without
         columns["pattern"] = np.zeros(n)
         tried = [Refinement(np.zeros(n), group, None, None, 0.5, 30, name, cfg.min_match_gain)
                  for name, group in groups.items()]
-        return {"verified": False}, tried
+        return {"verified": False, "starts": [{"start": name} for name in starts]}, tried
 
     def alike(closure):
         def found(images, texts, rows, group, start, cfg):
@@ -289,6 +289,11 @@ def test_a_pixel_group_kept_together_among_its_captions_is_the_selection_without
     summary = stages.pattern_stage(tiny_world["train"], tmp_path, select, str(random_model), RefineConfig(concepts=2))
     assert not summary["backdoor_evidence"] and summary["refine"]["alike_group"]["closure"] == 0.5
     assert not (tmp_path / stages.SELECTION_FILE).exists()
+    embeddings = str(tmp_path / "embeddings.parquet")
+    _random_embeddings(uids, embeddings)
+    after_scan = stages.select_stage(tiny_world["train"], embeddings, None, tmp_path, ScanConfig(neighbours=5),
+                                     select, str(random_model), RefineConfig(concepts=2, closed_group=False), summary)
+    assert after_scan["refine"]["alike_group"] == summary["refine"]["alike_group"]  # the report shows what it saw
     summary = stages.pattern_stage(tiny_world["train"], tmp_path, select, str(random_model),
                                    RefineConfig(concepts=2, alike_group=False))
     assert not summary["backdoor_evidence"] and "alike_group" not in summary["refine"] and len(checked) == 2
