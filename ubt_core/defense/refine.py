@@ -164,8 +164,7 @@ def regroup(images: torch.Tensor, texts: torch.Tensor, dense: np.ndarray, cfg: R
     matched_filter = MatchedFilter(images, cfg.shrinkage)
     group = dense
     for _ in range(max(cfg.iterations, 1)):
-        concept = torch.nn.functional.normalize(texts[group].mean(dim=0), dim=0)
-        alike = np.setdiff1d(top_rows((texts @ concept).numpy(), cfg.regroup_contrast), group)
+        alike = np.setdiff1d(captioned_alike(texts, group, cfg.regroup_contrast), group)
         (scores,) = matched_filter.scores((images[group].mean(dim=0) - images[alike].mean(dim=0))[None])
         group = top_rows(scores, cfg.group_size)
     return scores
