@@ -35,9 +35,10 @@ def refine_outcome(monkeypatch) -> dict:
     the pixel group among the pairs captioned alike; 0 by default). A verified pattern puts the first 6 pairs above a
     drop; every start is listed, each with those 6 as its group, and 25 pairs lie along the alike group's direction."""
     import numpy as np
+    import torch
 
     from ubt_core.defense import stages
-    from ubt_core.defense.refine import AlikeGroup, Refinement
+    from ubt_core.defense.refine import AlikeGroup, MatchedFilter, Refinement
 
     outcome = {"verified": False, "alike_closure": 0.0}
 
@@ -46,9 +47,11 @@ def refine_outcome(monkeypatch) -> dict:
         if outcome["verified"]:
             columns["suspicion"] = columns["pattern"]
         summary = {"verified": outcome["verified"], "above_gap": 6, "gap": 9.0, "trigger_match_rate": 0.5,
-                   "clean_match_rate": 0.0, "starts": [{"start": name} for name in starts]}
-        return summary, [Refinement(columns["pattern"], np.arange(6), None, None, 9.0, 6, name, cfg.min_match_gain)
-                         for name in starts]
+                   "clean_match_rate": 0.0, "copies": False, "starts": [{"start": name} for name in starts]}
+        tried = [Refinement(columns["pattern"], np.arange(6), None, None, 9.0, 6, name, cfg.min_match_gain, 1.0)
+                 for name in starts]
+        pixels = MatchedFilter(torch.randn(table.num_rows, 8, generator=torch.Generator().manual_seed(0)), 0.01)
+        return summary, tried, pixels  # the pixels of as many different images (no group is copies)
 
     def alike(images, texts, rows, group, start, cfg):
         scores = np.r_[np.full(25, 9.0), np.zeros(len(rows) - 25)]

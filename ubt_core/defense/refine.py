@@ -22,6 +22,7 @@ match "green ..." captions, while a weakly learned trigger moves a tenth of them
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,6 +57,11 @@ class RefineConfig(BaseModel):
     # ... and pasting its pattern makes at least this much larger a share of clean images match the group's
     # captions better than their own (patched rate - unpatched rate: a concept clean images prefer anyway is no trigger)
     min_match_gain: float = Field(0.05, gt=0, le=1)
+    # a group whose images vary less than this share of the data's pixel variance is copies of one image (a pair
+    # duplicated in the data), not a trigger's group: a trigger rides on many different images. Measured: the
+    # benchmark's poisoned groups 0.50 (Blended, alpha 0.3) - 1.02, caption concepts 0.44 - 1.58, 200 noisy copies
+    # of one image 0.006 ("Copies are not a trigger", docs/algorithm.md)
+    min_spread: float = Field(0.1, ge=0)
     cut_at_gap: bool = True  # a verified group's unlearning set is the pairs above its drop; False: select's thresholds
     # dense pairs that no shared pattern explains are regrouped by their direction in the image embeddings ...
     regroup_collapse: bool = True
@@ -91,6 +97,7 @@ class Refinement:
     above_gap: int  # how many pairs score above that drop
     start: str  # the start that converged on this group ("scan top" or "concept i")
     min_match_gain: float  # the gain that makes the group evidence (RefineConfig.min_match_gain)
+    spread: float  # the group's pixel variance as a share of the data's (`MatchedFilter.spread`)
 
     @property
     def match_gain(self) -> float:
@@ -131,6 +138,13 @@ class MatchedFilter:
         ridge = shrinkage * covariance.diagonal().mean()  # a share of the mean eigenvalue (the trace / dimensions)
         shrunk = covariance + ridge * torch.eye(len(covariance), dtype=covariance.dtype)
         self.inverse = torch.cholesky_inverse(torch.linalg.cholesky(shrunk)).float()
+        self.variance = covariance.diagonal().sum().item()
+
+    def spread(self, group: np.ndarray) -> float:
+        """The variance of `group`'s rows as a share of all rows' (total variance: the trace of the covariance):
+        near 0 for copies of one image, about 1 for as many different images."""
+        rows = self.rows[group]
+        return (rows - rows.mean(dim=0)).pow(2).sum(dim=1).mean().item() / self.variance
 
     def converge(self, starts: list[np.ndarray], iterations: int, group_size: int) -> tuple[np.ndarray, np.ndarray]:
         """For each start, the robust z of every row's match to the pattern of the start's rows, re-estimated
@@ -190,7 +204,8 @@ class ClosedGroup:
         return self.closure >= cfg.min_closure and self.closure - self.next_closure >= cfg.min_closure_gap
 
 
-def closed_group(embeddings: PairEmbeddings, cfg: RefineConfig) -> ClosedGroup | None:
+def closed_group(embeddings: PairEmbeddings, cfg: RefineConfig,
+                 spread: Callable[[np.ndarray], float]) -> ClosedGroup | None:
     """The caption concept whose regrouped pairs keep most to themselves in `embeddings`' image space.
 
     A trigger moves the images that carry it, whatever they show, towards one place: even where they do not
@@ -198,14 +213,17 @@ def closed_group(embeddings: PairEmbeddings, cfg: RefineConfig) -> ClosedGroup |
     its neighbourhood with the content around it (red crosses with orange crosses and red hearts). Every poisoned
     caption names the target, so one caption concept holds the poisoned pairs; regrouped from it (`regroup`,
     against the pairs captioned alike), its top `group_size` pairs are the trigger's. Some content keeps to itself
-    too, so the group's closure is also compared with that of the most closed other group. None without concepts.
+    too, so the group's closure is also compared with that of the most closed other group. Copies of one image
+    keep to themselves most of all: a group whose pixel `spread` is under `min_spread` is neither chosen nor
+    compared with. None without concepts (or with only copies).
     """
     near = nearest_rows(embeddings.images, cfg.closure_neighbours)
     found = []  # (closure, group, scores, concept)
     for i, rows in enumerate(concept_groups(embeddings.texts, cfg.concepts, cfg.seed)):
         scores = regroup(embeddings.images, embeddings.texts, rows, cfg)
         group = top_rows(scores, cfg.group_size)
-        found.append((float(neighbourhood_share(near, group)[group].mean()), group, scores, i))
+        if spread(group) >= cfg.min_spread:
+            found.append((float(neighbourhood_share(near, group)[group].mean()), group, scores, i))
     if not found:
         return None
     closure, group, scores, concept = max(found, key=lambda item: item[0])
@@ -226,10 +244,13 @@ class AlikeGroup:
         return self.closure >= cfg.min_alike_closure
 
 
-def most_coherent(found: list[Refinement], texts: torch.Tensor) -> Refinement:
+def most_coherent(found: list[Refinement], texts: torch.Tensor, min_spread: float) -> Refinement | None:
     """The refine start whose pixel group's captions agree most (the length of their mean normalised embedding):
-    every poisoned caption names the target, while a group sharing a content feature is captioned variously."""
-    return max(found, key=lambda r: texts[r.group].mean(dim=0).norm().item())
+    every poisoned caption names the target, while a group sharing a content feature is captioned variously.
+    Groups of copies (spread under `min_spread`) agree by being one pair duplicated and are passed over; None
+    where every group is."""
+    varied = [r for r in found if r.spread >= min_spread]
+    return max(varied, key=lambda r: texts[r.group].mean(dim=0).norm().item(), default=None)
 
 
 def captioned_alike(texts: torch.Tensor, group: np.ndarray, size: int) -> np.ndarray:
@@ -313,13 +334,18 @@ def scan_start(suspicion: np.ndarray, cfg: RefineConfig) -> dict[str, np.ndarray
     return {"scan top": np.argsort(-suspicion, kind="stable")[:cfg.group_size]}
 
 
-def refine(loaded: LoadedModel, dataset: PairDataset, starts: dict[str, np.ndarray], clean_rows: np.ndarray,
-           cfg: RefineConfig) -> list[Refinement]:
-    """From each start (`concept_starts`, `scan_start`), find the group sharing one pixel pattern; the patterns are
-    checked on clean images drawn from `clean_rows`. Only a group that stands apart is checked as a trigger. Returns
+def pixel_filter(dataset: PairDataset, cfg: RefineConfig) -> MatchedFilter:
+    """The matched filter over every pair's pooled pixels (refine's, and the groups' `spread`)."""
+    return MatchedFilter(pooled_pixels(dataset, cfg.side), cfg.shrinkage)
+
+
+def refine(loaded: LoadedModel, dataset: PairDataset, matched_filter: MatchedFilter, starts: dict[str, np.ndarray],
+           clean_rows: np.ndarray, cfg: RefineConfig) -> list[Refinement]:
+    """From each start (`concept_starts`, `scan_start`), find the group sharing one pixel pattern in `matched_filter`
+    (`pixel_filter`); the patterns are checked on clean images drawn from `clean_rows`. Only a group that stands apart,
+    and is not copies of one image, is checked as a trigger. Returns
     every start's group, the chosen one first: evidence first, then the pattern that raises the match rate most,
     then the largest drop."""
-    matched_filter = MatchedFilter(pooled_pixels(dataset, cfg.side), cfg.shrinkage)
     check = TriggerCheck(loaded, dataset.stack(np.random.default_rng(cfg.seed).choice(
         clean_rows, min(cfg.check_size, len(clean_rows)), replace=False)), cfg.pattern_z)
     all_scores, groups = matched_filter.converge(list(starts.values()), cfg.iterations, cfg.group_size)
@@ -327,11 +353,13 @@ def refine(loaded: LoadedModel, dataset: PairDataset, starts: dict[str, np.ndarr
     found = []
     for name, scores, group in zip(starts, all_scores, groups, strict=True):
         gap, above = largest_gap(scores, cfg.gap_ranks)
-        rate = clean_rate = None  # a group that does not stand apart is not evidence whatever the check says
-        if gap >= cfg.min_gap:
+        spread = matched_filter.spread(group)
+        # a group that does not stand apart, or is copies of one image, is not evidence whatever the check says
+        rate = clean_rate = None
+        if gap >= cfg.min_gap and spread >= cfg.min_spread:
             key = np.sort(group).tobytes()
             if key not in checked:
                 checked[key] = check.match_rates(dataset.stack(group))
             rate, clean_rate = checked[key]
-        found.append(Refinement(scores, group, rate, clean_rate, gap, above, name, cfg.min_match_gain))
+        found.append(Refinement(scores, group, rate, clean_rate, gap, above, name, cfg.min_match_gain, spread))
     return sorted(found, key=lambda r: (r.evidence, r.match_gain, r.gap), reverse=True)

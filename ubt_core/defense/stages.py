@@ -46,6 +46,7 @@ from ubt_core.defense.embed import (
 )
 from ubt_core.defense.overfit import OverfitConfig, overfit
 from ubt_core.defense.refine import (
+    MatchedFilter,
     RefineConfig,
     Refinement,
     alike_group,
@@ -53,6 +54,7 @@ from ubt_core.defense.refine import (
     closed_group,
     concept_starts,
     most_coherent,
+    pixel_filter,
     refine,
     regroup,
     scan_start,
@@ -133,22 +135,27 @@ def _refinement_summary(found: Refinement, poisoned: np.ndarray | None) -> dict:
 
     return ({"start": found.start, "trigger_match_rate": rate(found.match_rate),
              "clean_match_rate": rate(found.clean_match_rate), "gap": round(found.gap, 2),
-             "above_gap": found.above_gap, "verified": found.evidence}
+             "above_gap": found.above_gap, "spread": round(found.spread, 3), "verified": found.evidence}
             | ({"poisoned_in_group": int(poisoned[found.group].sum())} if poisoned is not None else {}))
 
 
 def _refine(model_dir: str, table: pa.Table, columns: dict[str, np.ndarray], starts: dict[str, np.ndarray],
-            clean_rows: np.ndarray, cfg: RefineConfig, poisoned: np.ndarray | None) -> tuple[dict, list[Refinement]]:
+            clean_rows: np.ndarray, cfg: RefineConfig,
+            poisoned: np.ndarray | None) -> tuple[dict, list[Refinement], MatchedFilter]:
     """Adds the `pattern` column; a verified pattern's scores become the suspicion. Returns what it found,
-    with every start's group, and the groups themselves."""
+    with every start's group, the groups themselves, and the pixels' matched filter (for any group's `spread`)."""
     suspect = load_model(model_dir)
-    tried = refine(suspect, PairDataset(table, suspect), starts, clean_rows, cfg)
+    dataset = PairDataset(table, suspect)
+    pixels = pixel_filter(dataset, cfg)
+    tried = refine(suspect, dataset, pixels, starts, clean_rows, cfg)
     found = tried[0]
     columns["pattern"] = found.scores
     if found.evidence:
         columns["suspicion"] = found.scores
-    return _refinement_summary(found, poisoned) | {"group_size": len(found.group),
-                                                   "starts": [_refinement_summary(r, poisoned) for r in tried]}, tried
+    copies = any(r.gap >= cfg.min_gap and r.spread < cfg.min_spread for r in tried)  # one image copied stands apart
+    summary = _refinement_summary(found, poisoned) | {"group_size": len(found.group), "copies": copies,
+                                                      "starts": [_refinement_summary(r, poisoned) for r in tried]}
+    return summary, tried, pixels
 
 
 def _alike_group(suspect: LoadedModel, table: pa.Table, texts: torch.Tensor, tried: list[Refinement],
@@ -159,7 +166,9 @@ def _alike_group(suspect: LoadedModel, table: pa.Table, texts: torch.Tensor, tri
     the `alike` column and the suspicion (the pairs not embedded, captioned unlike the group, rank below all of
     them), and the pairs most of whose nearest images are in the regrouped group are unlearned, most suspicious
     first. Returns the selection (None: columns untouched) and what the report shows."""
-    start = most_coherent(tried, texts)
+    start = most_coherent(tried, texts, cfg.min_spread)
+    if start is None:  # every group is copies of one image
+        return None, {"start": None}
     rows = captioned_alike(texts, start.group, cfg.regroup_contrast)
     embedded = embed_rows(table, rows, suspect, precision, batch_size)
     found = alike_group(embedded.images, embedded.texts, rows, start.group, start.start, cfg)
@@ -205,7 +214,7 @@ def pattern_stage(data_uri: str, out_dir: str | Path, select: SelectConfig, mode
     if not starts:
         return {"backdoor_evidence": False, "evidence_kind": None, "refine": None}
     columns: dict[str, np.ndarray] = {}
-    refined, tried = _refine(model_dir, table, columns, starts, np.arange(len(uids)), refine_cfg, poisoned)
+    refined, tried, _ = _refine(model_dir, table, columns, starts, np.arange(len(uids)), refine_cfg, poisoned)
     if refined["verified"]:
         selection, kind = _pattern_selection(columns, refined, select, refine_cfg, poisoned)
         return _write_selection(out_dir, uids, columns, selection, kind, refined, poisoned)
@@ -240,34 +249,37 @@ def _write_selection(out_dir: str | Path, uids: pa.ChunkedArray, columns: dict[s
 
 
 def _regroup(columns: dict[str, np.ndarray], suspect: PairEmbeddings, select: SelectConfig, cfg: RefineConfig,
-             poisoned: np.ndarray | None) -> tuple[Selection, int] | None:
+             pixels: MatchedFilter, poisoned: np.ndarray | None) -> tuple[Selection, int] | None:
     """Re-rank every pair by what the scan's densest images share beyond their captions (`regroup`, started from
     the pairs over select's threshold); the `regrouped` column becomes the suspicion. Returns the selection and
     how many of the regrouped group's top `group_size` pairs the scan saw collapsed, or None (columns untouched)
-    when fewer than `min_group` were: a trigger's images collapse together, so its group stays dense, where a
-    few dense clean pairs (near-duplicates) lead to a content group that is not.
+    when fewer than `min_group` were, or the group is copies of one image (its pixel spread under `min_spread`): a
+    trigger's images collapse together, so its group stays dense, where a few dense clean pairs (near-duplicates)
+    lead to a content group that is not.
 
     Only the pairs above the evidence threshold are unlearned: a direction fitted to a group also ranks the
     content nearest to it above select's lower threshold (on the benchmark's warp, rings and crescents).
     """
     dense = columns["suspicion"] > select.select_threshold
     scores = regroup(suspect.images, suspect.texts, np.flatnonzero(dense), cfg)
-    collapsed = int(dense[np.argsort(-scores, kind="stable")[:cfg.group_size]].sum())
+    group = np.argsort(-scores, kind="stable")[:cfg.group_size]
+    collapsed = int(dense[group].sum())
     selection = select_pairs(scores, select, poisoned)
-    if not selection.evidence or collapsed < select.min_group:
+    if not selection.evidence or collapsed < select.min_group or pixels.spread(group) < cfg.min_spread:
         return None
     columns["regrouped"] = columns["suspicion"] = scores
     return select_pairs(scores, select.model_copy(update={"k": selection.n_anomalous}), poisoned), collapsed
 
 
 def _closed_group(columns: dict[str, np.ndarray], models: dict[str, PairEmbeddings], select: SelectConfig,
-                  cfg: RefineConfig, poisoned: np.ndarray | None) -> tuple[Selection | None, dict]:
+                  cfg: RefineConfig, pixels: MatchedFilter,
+                  poisoned: np.ndarray | None) -> tuple[Selection | None, dict]:
     """The caption concept whose regrouped pairs keep most to themselves in any model's image embeddings
     (`closed_group`); where it is closed enough and stands apart from the other concepts' groups
     (`ClosedGroup.is_evidence`), and select's evidence holds on its scores, those become the `closed` column and the
     suspicion, and the pairs most of whose nearest images are in the group are unlearned (as many as there are, most
     suspicious first). Returns the selection (None: columns untouched) and what the report shows."""
-    found = {name: closed_group(embeddings, cfg) for name, embeddings in models.items()}
+    found = {name: closed_group(embeddings, cfg, pixels.spread) for name, embeddings in models.items()}
     name, best = max(((name, group) for name, group in found.items() if group is not None),  # evidence first
                      key=lambda item: (item[1].is_evidence(cfg), item[1].closure), default=(None, None))
     if best is None:
@@ -308,22 +320,26 @@ def select_stage(data_uri: str, suspect_embeddings: str, overfit_embeddings: str
         starts = scan_start(columns["suspicion"], refine_cfg)
         if tried is None:
             starts |= concept_starts(suspect.texts, refine_cfg)
-        refined, _ = _refine(model_dir, table, columns, starts, selection.retain, refine_cfg, poisoned)
+        refined, _, pixels = _refine(model_dir, table, columns, starts, selection.retain, refine_cfg, poisoned)
         if tried and tried.get("refine"):
             refined["starts"] = tried["refine"]["starts"] + refined["starts"]
+            refined["copies"] = refined["copies"] or tried["refine"]["copies"]
             if "alike_group" in tried["refine"]:  # what the first pass's alike group check saw, for the report
                 refined["alike_group"] = tried["refine"]["alike_group"]
+        if selection.evidence and pixels.spread(selection.forget[:refine_cfg.group_size]) < refine_cfg.min_spread:
+            selection, kind = replace(selection, forget=selection.forget[:0], evidence=False), None
+            refined["copies"] = True  # the collapse is one image copied, not a trigger's many images
         if refined["verified"]:
             selection, kind = _pattern_selection(columns, refined, select, refine_cfg, poisoned)
         else:
             closed = None
             if refine_cfg.closed_group:  # no pattern: a group whose images keep to themselves, the stricter test
                 models = {"suspect": suspect} | ({"overfit": amplified} if amplified is not None else {})
-                closed, refined["closed_group"] = _closed_group(columns, models, select, refine_cfg, poisoned)
+                closed, refined["closed_group"] = _closed_group(columns, models, select, refine_cfg, pixels, poisoned)
             if closed is not None:
                 selection, kind = closed, "closed group"
             elif refine_cfg.regroup_collapse and selection.n_anomalous:  # dense pairs no pixel pattern explains
-                regrouped = _regroup(columns, suspect, select, refine_cfg, poisoned)
+                regrouped = _regroup(columns, suspect, select, refine_cfg, pixels, poisoned)
                 refined["regrouped"] = regrouped is not None
                 if regrouped is not None:
                     selection, refined["regrouped_collapsed"] = regrouped
@@ -403,6 +419,9 @@ def _verdict(selection: dict) -> str:
     if evidence:
         return f"backdoor evidence: a group of pairs whose images collapse onto one point; {k} pairs unlearned"
     found = "no strong backdoor evidence: no anomalous group of pairs"
+    if (refined or {}).get("copies"):
+        found = ("no strong backdoor evidence: the pairs that stand apart are copies of one image (a pair duplicated "
+                 "in the data, not a trigger on many different images); deduplicate the data")
     return f"{found}; the {k} pairs asked for (fixed k) were unlearned anyway" if k else found
 
 

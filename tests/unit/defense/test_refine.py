@@ -209,11 +209,52 @@ def test_only_groups_that_stand_apart_are_checked_and_each_group_once(stubbed_re
     texts[poisoned] = texts[0].clone()  # the poisoned captions all name the target: they share a concept
     cfg = RefineConfig(group_size=60, concepts=4, check_size=100)
     starts = refine_module.scan_start(suspicion, cfg) | refine_module.concept_starts(texts, cfg)
-    found = refine_module.refine(None, _Rows(len(poisoned)), starts, np.flatnonzero(~poisoned), cfg)
+    rows = _Rows(len(poisoned))
+    found = refine_module.refine(None, rows, refine_module.pixel_filter(rows, cfg), starts, np.flatnonzero(~poisoned),
+                                 cfg)
     assert found[0].evidence and set(found[0].group) == set(np.flatnonzero(poisoned))
     assert _CountingCheck.checked == [frozenset(np.flatnonzero(poisoned).tolist())]
     assert sum(r.gap >= cfg.min_gap for r in found) >= 2  # the scan's top and the target's concept, checked once
     assert all(r.match_rate is None and not r.evidence for r in found if r.gap < cfg.min_gap)
+
+
+def _copies_and_images(n=1000, n_copies=100, dim=48, seed=0) -> torch.Tensor:
+    """Different images, the first `n_copies` of them copies of one image with a little noise."""
+    gen = torch.Generator().manual_seed(seed)
+    pixels = torch.randn(n, dim, generator=gen)
+    pixels[:n_copies] = pixels[0] + 0.05 * torch.randn(n_copies, dim, generator=gen)
+    return pixels
+
+
+def test_copies_of_one_image_have_no_spread_and_a_trigger_keeps_most_of_its_images():
+    pixels = _copies_and_images()
+    key = torch.randn(48, generator=torch.Generator().manual_seed(1))
+    blended = torch.cat([pixels, 0.7 * pixels[100:300] + 0.3 * key])  # a blend at alpha 0.3 keeps 0.7^2 of it
+    pixel_filter = MatchedFilter(blended, shrinkage=0.01)
+    assert pixel_filter.spread(np.arange(100)) < 0.01 < RefineConfig().min_spread
+    different = pixel_filter.spread(np.arange(100, 300))
+    assert 0.9 < different < 1.2  # about the data's own (which the copies and the blends lower a little)
+    assert 0.45 < pixel_filter.spread(np.arange(1000, 1200)) / different < 0.55  # the same images, blended
+
+
+def test_a_group_of_copies_that_stands_apart_is_not_checked(monkeypatch):
+    """A hundred copies of one image stand apart by their pixels as a trigger's group would; they are one image, so
+    the pattern is never pasted and no group is evidence, and they are not the group whose captions are checked."""
+    pixels = _copies_and_images()
+    monkeypatch.setattr(refine_module, "pooled_pixels", lambda dataset, side: pixels)
+    monkeypatch.setattr(refine_module, "TriggerCheck", _CountingCheck)
+    cfg = RefineConfig(group_size=100, check_size=100)
+    rows = _Rows(len(pixels))
+    starts = {"copies": np.arange(0, 200, 2), "others": np.arange(500, 600)}
+    found = refine_module.refine(None, rows, refine_module.pixel_filter(rows, cfg), starts, np.arange(200, 1000),
+                                 cfg)
+    copies = next(r for r in found if r.start == "copies")
+    assert copies.gap >= cfg.min_gap and set(copies.group) == set(range(100)) and copies.spread < cfg.min_spread
+    assert not _CountingCheck.checked and not any(r.evidence for r in found)
+    texts = torch.randn(len(pixels), 8)
+    texts[:100] = texts[0]  # the copies share one caption: the most coherent by far
+    assert most_coherent(found, texts, cfg.min_spread).start == "others"
+    assert most_coherent([copies], texts, cfg.min_spread) is None
 
 
 def test_a_pattern_that_leaves_the_match_rate_where_it_was_is_not_evidence(stubbed_refine, monkeypatch):
@@ -224,8 +265,9 @@ def test_a_pattern_that_leaves_the_match_rate_where_it_was_is_not_evidence(stubb
     texts = torch.randn(len(poisoned), 8, generator=torch.Generator().manual_seed(0))
     cfg = RefineConfig(group_size=60, concepts=4, check_size=100)
     starts = refine_module.scan_start(_top_with_a_fifth_poisoned(poisoned, 60), cfg)
-    found = refine_module.refine(None, _Rows(len(poisoned)), starts | refine_module.concept_starts(texts, cfg),
-                                 np.flatnonzero(~poisoned), cfg)
+    rows = _Rows(len(poisoned))
+    found = refine_module.refine(None, rows, refine_module.pixel_filter(rows, cfg),
+                                 starts | refine_module.concept_starts(texts, cfg), np.flatnonzero(~poisoned), cfg)
     assert _CountingCheck.checked and not any(r.evidence for r in found)
 
 
@@ -244,19 +286,33 @@ def _concepts_and_closed_regions(closed: int, n=3000, n_closed=100) -> PairEmbed
     return PairEmbeddings(*(torch.nn.functional.normalize(rows, dim=1) for rows in (images, texts)))
 
 
+def _varied(rows: np.ndarray) -> float:
+    """The pixel spread of any group of different images."""
+    return 1.0
+
+
 def test_a_concept_whose_images_keep_to_themselves_is_the_closed_group():
     cfg = RefineConfig(group_size=100, concepts=20, closure_neighbours=20)
-    found = closed_group(_concepts_and_closed_regions(closed=1), cfg)
+    found = closed_group(_concepts_and_closed_regions(closed=1), cfg, _varied)
     assert found.closure >= 0.9 and 90 <= found.members < 200  # the region and a few images at its edge
     assert (top_rows(found.scores, 100) < 100).mean() >= 0.9
     assert found.next_closure < 0.5 and found.is_evidence(cfg)
-    assert closed_group(_concepts_and_closed_regions(closed=0), cfg).closure < 0.5
+    assert closed_group(_concepts_and_closed_regions(closed=0), cfg, _varied).closure < 0.5
+
+
+def test_a_closed_group_of_copies_is_neither_chosen_nor_compared_with():
+    """Two concepts whose images keep to themselves, the first's copies of one image: the second is the closed
+    group, standing apart (copies are not a trigger's group, nor content a trigger's must stand apart from)."""
+    cfg = RefineConfig(group_size=100, concepts=20, closure_neighbours=20)
+    found = closed_group(_concepts_and_closed_regions(closed=2), cfg, lambda rows: float((rows >= 100).mean()))
+    assert (top_rows(found.scores, 100) >= 100).mean() >= 0.9 and found.closure >= 0.9
+    assert found.next_closure < 0.5 and found.is_evidence(cfg)
 
 
 def test_a_closed_group_that_does_not_stand_apart_is_no_evidence():
     """Two concepts whose images keep to themselves: each is as closed as the other, so neither is a trigger's."""
     cfg = RefineConfig(group_size=100, concepts=20, closure_neighbours=20)
-    found = closed_group(_concepts_and_closed_regions(closed=2), cfg)
+    found = closed_group(_concepts_and_closed_regions(closed=2), cfg, _varied)
     assert found.closure >= 0.9 and found.next_closure >= 0.9
     assert not found.is_evidence(cfg)
 
@@ -301,9 +357,9 @@ def test_the_group_whose_captions_agree_most_is_checked_with_the_pairs_captioned
     texts = torch.nn.functional.normalize(3 * torch.randn(6, 16, generator=gen)[concept]
                                           + torch.randn(600, 16, generator=gen), dim=1)
     one_concept, mixed = np.flatnonzero(concept.numpy() == 2)[:40], np.arange(40)
-    found = [Refinement(np.zeros(600), group, None, None, 0.5, 30, name, 0.05)
+    found = [Refinement(np.zeros(600), group, None, None, 0.5, 30, name, 0.05, 1.0)
              for group, name in ((mixed, "concept 0"), (one_concept, "concept 2"))]
-    assert most_coherent(found, texts).start == "concept 2"
+    assert most_coherent(found, texts, 0.1).start == "concept 2"
     alike = captioned_alike(texts, one_concept, 60)
     assert set(one_concept) <= set(alike) and 60 <= len(alike) <= 100  # the group, and the 60 nearest its captions
     assert (concept.numpy()[alike] == 2).all() and (np.diff(alike) > 0).all()

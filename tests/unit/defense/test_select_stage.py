@@ -14,7 +14,7 @@ import torch
 
 from ubt_core.data.contract import read_checked_pairs
 from ubt_core.defense import stages
-from ubt_core.defense.refine import AlikeGroup, ClosedGroup, RefineConfig, Refinement
+from ubt_core.defense.refine import AlikeGroup, ClosedGroup, MatchedFilter, RefineConfig, Refinement
 from ubt_core.defense.scan import ScanConfig
 from ubt_core.defense.select import SelectConfig
 from ubt_core.models import create_model, save_model
@@ -42,13 +42,18 @@ def _random_embeddings(uids: pa.ChunkedArray, path: str, dim: int = 16, collapse
     _write_embeddings(uids, *vectors, path)
 
 
+def _varied_pixels(n_pairs: int) -> MatchedFilter:
+    """The pixels' matched filter of `n_pairs` different images (any group's spread about 1: no copies)."""
+    return MatchedFilter(torch.randn(n_pairs, 8, generator=torch.Generator().manual_seed(0)), shrinkage=0.01)
+
+
 def _verified_on_the_first(n: int, n_pairs: int):
     """A stand-in for refine that verifies a pattern whose scores drop right below the first `n` rows."""
     cliff = np.r_[np.full(n, 9.0) + np.arange(n) / 100, np.random.default_rng(0).normal(size=n_pairs - n)]
 
     def verified(model_dir, table, columns, starts, clean_rows, cfg, poisoned):
         columns["pattern"] = columns["suspicion"] = cliff
-        return {"verified": True, "above_gap": n}, []
+        return {"verified": True, "above_gap": n, "copies": False}, [], _varied_pixels(n_pairs)
     return verified
 
 
@@ -103,7 +108,7 @@ def _collapse_and_its_direction(tmp_path, n: int = 2000, group: int = 20) -> tup
 
 def _unverified(model_dir, table, columns, starts, clean_rows, cfg, poisoned):
     columns["pattern"] = np.zeros(table.num_rows)
-    return {"verified": False}, []
+    return {"verified": False, "copies": False}, [], _varied_pixels(table.num_rows)
 
 
 def test_a_collapse_no_pattern_explains_is_regrouped_along_its_direction(tmp_path, monkeypatch):
@@ -123,6 +128,26 @@ def test_a_collapse_no_pattern_explains_is_regrouped_along_its_direction(tmp_pat
     assert summary["evidence_kind"] == "collapse" and summary["refine"]["regrouped"]
     assert collapsed | leaning <= rows and len(rows) < 50
     assert (suspicious.regrouped == suspicious.suspicion).all()
+
+
+def test_a_collapse_of_copies_of_one_image_is_no_evidence(tmp_path, monkeypatch):
+    """The same collapsed and leaning pairs, but their images are copies of one image (a pair duplicated in the
+    data): neither the collapse nor its regrouped direction is evidence, and the verdict says why."""
+    data, embeddings = _collapse_and_its_direction(tmp_path)
+    gen = torch.Generator().manual_seed(0)
+    pixels = torch.randn(2000, 8, generator=gen)
+    pixels[:40] = pixels[0] + 0.01 * torch.randn(40, 8, generator=gen)
+
+    def unverified(model_dir, table, columns, starts, clean_rows, cfg, poisoned):
+        summary, tried, _ = _unverified(model_dir, table, columns, starts, clean_rows, cfg, poisoned)
+        return summary, tried, MatchedFilter(pixels, shrinkage=0.01)
+
+    monkeypatch.setattr(stages, "_refine", unverified)
+    summary = stages.select_stage(data, embeddings, None, tmp_path, ScanConfig(neighbours=10),
+                                  SelectConfig(min_group=10, retain_size=20), "unused", RefineConfig(group_size=20))
+    assert not summary["backdoor_evidence"] and summary["k"] == 0 and summary["evidence_kind"] is None
+    assert summary["refine"]["copies"] and summary["refine"]["regrouped"] is False
+    assert "copies of one image" in stages._verdict(summary)
 
 
 def _few_dense(monkeypatch, regrouped_rows: np.ndarray, n: int = 2000) -> None:
@@ -153,7 +178,8 @@ def test_a_closed_group_comes_before_the_regroup(tmp_path, monkeypatch):
     data, embeddings = _collapse_and_its_direction(tmp_path)
     _few_dense(monkeypatch, np.arange(40))
     scores = np.r_[np.full(30, 9.0), np.random.default_rng(2).normal(scale=0.5, size=1970)]
-    monkeypatch.setattr(stages, "closed_group", lambda embeddings, cfg: ClosedGroup(scores, 0.95, 30, "c0", 0.5))
+    monkeypatch.setattr(stages, "closed_group",
+                        lambda embeddings, cfg, spread: ClosedGroup(scores, 0.95, 30, "c0", 0.5))
     summary = stages.select_stage(data, embeddings, None, tmp_path, ScanConfig(), SelectConfig(retain_size=20),
                                   "unused", RefineConfig(group_size=40))
     assert summary["evidence_kind"] == "closed group" and summary["k"] == 30
@@ -184,7 +210,7 @@ def test_a_closed_group_is_evidence_where_nothing_else_is(tiny_world, tmp_path, 
     def selected(closure: float, next_closure: float = 0.5,
                  refine_cfg: RefineConfig | None = None) -> tuple[dict, pd.DataFrame]:
         monkeypatch.setattr(stages, "closed_group",
-                            lambda embeddings, cfg: ClosedGroup(scores, closure, 25, "c0", next_closure))
+                            lambda embeddings, cfg, spread: ClosedGroup(scores, closure, 25, "c0", next_closure))
         summary = stages.select_stage(tiny_world["train"], embeddings, None, tmp_path, ScanConfig(neighbours=5),
                                       SelectConfig(min_group=10, retain_size=20), "unused",
                                       refine_cfg or RefineConfig())
@@ -232,8 +258,8 @@ def test_without_a_pattern_the_select_stage_tries_only_the_scan_top_and_lists_ev
 
     def unverified(model_dir, table, columns, starts, clean_rows, cfg, poisoned):
         tried.append(sorted(starts))
-        summary, found = _unverified(model_dir, table, columns, starts, clean_rows, cfg, poisoned)
-        return summary | {"starts": [{"start": name} for name in starts]}, found
+        summary, found, pixels = _unverified(model_dir, table, columns, starts, clean_rows, cfg, poisoned)
+        return summary | {"starts": [{"start": name} for name in starts]}, found, pixels
 
     monkeypatch.setattr(stages, "_refine", unverified)
     first = stages.pattern_stage(tiny_world["train"], tmp_path, SelectConfig(retain_size=20), str(random_model),
@@ -260,9 +286,9 @@ def test_a_pixel_group_kept_together_among_its_captions_is_the_selection_without
 
     def unverified(model_dir, table, columns, starts, clean_rows, cfg, poisoned):
         columns["pattern"] = np.zeros(n)
-        tried = [Refinement(np.zeros(n), group, None, None, 0.5, 30, name, cfg.min_match_gain)
+        tried = [Refinement(np.zeros(n), group, None, None, 0.5, 30, name, cfg.min_match_gain, 1.0)
                  for name, group in groups.items()]
-        return {"verified": False, "starts": [{"start": name} for name in starts]}, tried
+        return {"verified": False, "copies": False, "starts": [{"start": name} for name in starts]}, tried, None
 
     def alike(closure):
         def found(images, texts, rows, group, start, cfg):
@@ -272,7 +298,7 @@ def test_a_pixel_group_kept_together_among_its_captions_is_the_selection_without
         return found
 
     monkeypatch.setattr(stages, "_refine", unverified)
-    monkeypatch.setattr(stages, "most_coherent", lambda tried, texts: tried[1])
+    monkeypatch.setattr(stages, "most_coherent", lambda tried, texts, min_spread: tried[1])
     monkeypatch.setattr(stages, "alike_group", alike(0.7))
     select = SelectConfig(min_group=10, retain_size=20)
     summary = stages.pattern_stage(tiny_world["train"], tmp_path, select, str(random_model), RefineConfig(concepts=2))
