@@ -343,9 +343,8 @@ def refine(loaded: LoadedModel, dataset: PairDataset, matched_filter: MatchedFil
            clean_rows: np.ndarray, cfg: RefineConfig) -> list[Refinement]:
     """From each start (`concept_starts`, `scan_start`), find the group sharing one pixel pattern in `matched_filter`
     (`pixel_filter`); the patterns are checked on clean images drawn from `clean_rows`. Only a group that stands apart,
-    and is not copies of one image, is checked as a trigger. Returns
-    every start's group, the chosen one first: evidence first, then the pattern that raises the match rate most,
-    then the largest drop."""
+    and is not copies of one image, is checked as a trigger. Returns every start's group, the chosen one first:
+    evidence first, then the pattern that raises the match rate most, then the largest drop."""
     check = TriggerCheck(loaded, dataset.stack(np.random.default_rng(cfg.seed).choice(
         clean_rows, min(cfg.check_size, len(clean_rows)), replace=False)), cfg.pattern_z)
     all_scores, groups = matched_filter.converge(list(starts.values()), cfg.iterations, cfg.group_size)

@@ -323,7 +323,7 @@ def select_stage(data_uri: str, suspect_embeddings: str, overfit_embeddings: str
         refined, _, pixels = _refine(model_dir, table, columns, starts, selection.retain, refine_cfg, poisoned)
         if tried and tried.get("refine"):
             refined["starts"] = tried["refine"]["starts"] + refined["starts"]
-            refined["copies"] = refined["copies"] or tried["refine"]["copies"]
+            refined["copies"] = refined["copies"] or tried["refine"].get("copies", False)
             if "alike_group" in tried["refine"]:  # what the first pass's alike group check saw, for the report
                 refined["alike_group"] = tried["refine"]["alike_group"]
         if selection.evidence and pixels.spread(selection.forget[:refine_cfg.group_size]) < refine_cfg.min_spread:
